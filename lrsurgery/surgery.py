@@ -1,0 +1,123 @@
+"""Replace target modules with low-rank layers in place, list them, and put plain modules back.
+
+Injection freezes every base parameter; only adapter factors and the modules named by ``train``
+(trained in full, e.g. a new classification head) stay trainable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from lrsurgery.errors import LrsurgeryError, TargetError
+from lrsurgery.layers.lora import LoRALinear
+from lrsurgery.targets import TargetReport, TargetSpec, resolve_targets, resolve_train
+
+METHODS = ("lora",)
+
+
+@dataclass
+class AdapterConfig:
+    """How a model was injected: recorded on the model and in the run directory's recipe."""
+
+    method: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    rslora: bool = False
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=list)   # resolved module names
+    train: list[str] = field(default_factory=list)     # modules trained in full
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class InjectReport:
+    config: AdapterConfig
+    targets: TargetReport | None
+    trainable_params: int
+    total_params: int
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRA layer in the model, by full module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def adapter_config(model: nn.Module) -> AdapterConfig | None:
+    return getattr(model, "lrsurgery_adapter", None)
+
+
+def inject(model: nn.Module, method: str = "lora", rank: int = 8, alpha: float | None = None,
+           targets: TargetSpec = None, train: TargetSpec = None, dropout: float = 0.0, rslora: bool = False,
+           adapter_dtype: torch.dtype | None = None) -> InjectReport:
+    """Freeze ``model`` and wrap its target Linear/Conv1D layers with LoRA, in place.
+
+    ``alpha`` defaults to ``rank`` (scaling 1). ``targets`` follows PEFT's rules (see
+    ``lrsurgery.targets``); ``train`` names modules to train in full (never adapted).
+    """
+    if method not in METHODS:
+        raise LrsurgeryError(f"unknown method {method!r}; this version knows: {', '.join(METHODS)}")
+    if lora_modules(model):
+        raise LrsurgeryError("the model already has LoRA layers; merge or eject them before injecting again")
+    if rank < 1:
+        raise TargetError(f"rank must be ≥ 1, got {rank}")
+    if not 0.0 <= dropout < 1.0:
+        raise LrsurgeryError(f"dropout must be in [0, 1), got {dropout}")
+    alpha = float(rank if alpha is None else alpha)
+    train_names = resolve_train(model, train)
+    report = resolve_targets(model, targets, exclude=train_names)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in report.matched:
+        set_submodule(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout, rslora, adapter_dtype))
+    for name in train_names:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    config = AdapterConfig(method, rank, alpha, rslora, dropout, list(report.matched), train_names)
+    model.lrsurgery_adapter = config
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return InjectReport(config, report, trainable, sum(p.numel() for p in model.parameters()))
+
+
+def wrap_module(model: nn.Module, name: str, rank: int, alpha: float, rslora: bool = False,
+                dropout: float = 0.0) -> LoRALinear:
+    """Wrap one named module with LoRA (used when applying an adapter file module by module)."""
+    layer = LoRALinear(model.get_submodule(name), rank, alpha, dropout, rslora)
+    set_submodule(model, name, layer)
+    return layer
+
+
+def eject(model: nn.Module, merge: bool = False, names: Iterable[str] | None = None) -> list[str]:
+    """Put the plain modules back, folding the adapters in first when ``merge``; returns the names."""
+    layers = lora_modules(model)
+    chosen = list(layers) if names is None else list(names)
+    for name in chosen:
+        layer = layers[name]
+        if merge and not layer.merged:
+            layer.merge()
+        elif not merge and layer.merged:
+            layer.unmerge()
+        set_submodule(model, name, layer.eject())
+    if not lora_modules(model) and hasattr(model, "lrsurgery_adapter"):
+        del model.lrsurgery_adapter
+    return chosen
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and return the (same) model with plain modules."""
+    if not lora_modules(model):
+        raise LrsurgeryError("the model has no adapters to merge (inject or apply an adapter first)")
+    eject(model, merge=True)
+    return model

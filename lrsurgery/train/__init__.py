@@ -1,0 +1,1 @@
+"""Training loop pieces: data loading, optimisation and checkpoints for adapter training."""
