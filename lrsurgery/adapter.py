@@ -47,9 +47,11 @@ def adapter_from_model(model: nn.Module, provenance: dict[str, Any] | None = Non
         tensors[f"{name}.lora_B"] = layer.lora_B.detach()
     for name in config.train:
         params = dict(model.get_submodule(name).named_parameters())
+        if not params:
+            continue
         modules[name] = {"kind": "full", "tensors": {p: {"shape": list(t.shape), "dtype": fmt.dtype_name(t.dtype)}
                                                      for p, t in params.items()}}
-        tensors.update({f"{name}.{p}": t.detach() for p, t in params.items()})
+        tensors.update({fmt.tensor_key(name, p): t.detach() for p, t in params.items()})
     info = base_info(model)
     meta = {"base": info.as_dict() if info else {"ref": None},
             "method": config.method,
@@ -146,7 +148,7 @@ def apply_adapter(model: nn.Module, adapter: fmt.Adapter | str | os.PathLike, *,
             full.append(name)
             params = dict(model.get_submodule(name).named_parameters())
             for p in entry["tensors"]:
-                params[p].copy_(adapter.tensors[f"{name}.{p}"])
+                params[p].copy_(adapter.tensors[fmt.tensor_key(name, p)])
                 params[p].requires_grad_(trainable)
     cfg = adapter.meta.get("config", {})
     model.lrsurgery_adapter = AdapterConfig(

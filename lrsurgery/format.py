@@ -83,6 +83,11 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+def tensor_key(module: str, param: str) -> str:
+    """File name of a module's tensor; the root module is ``""`` (a whole-model entry)."""
+    return f"{module}.{param}" if module else param
+
+
 def expected_tensors(name: str, entry: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes that module entry ``entry`` requires in the file."""
     kind = entry.get("kind")
@@ -90,7 +95,7 @@ def expected_tensors(name: str, entry: dict[str, Any]) -> dict[str, tuple[int, .
         r, n_in, n_out = entry["rank"], entry["in_features"], entry["out_features"]
         return {f"{name}.lora_A": (r, n_in), f"{name}.lora_B": (n_out, r)}
     if kind == "full":
-        return {f"{name}.{p}": tuple(rec["shape"]) for p, rec in entry["tensors"].items()}
+        return {tensor_key(name, p): tuple(rec["shape"]) for p, rec in entry["tensors"].items()}
     raise AdapterFormatError(
         f"module {name!r} has unknown kind {kind!r} (this lrsurgery knows {', '.join(KINDS)}); "
         "the file may come from a newer lrsurgery: pip install -U lrsurgery")

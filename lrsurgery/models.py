@@ -318,5 +318,10 @@ def input_config(model: nn.Module) -> dict[str, Any]:
     patch = getattr(model, "patch_embed", None)
     if patch is not None and getattr(patch, "img_size", None):
         size = (getattr(patch.proj, "in_channels", size[0]), *patch.img_size)
-    return {"in_chans": int(size[0]), "image_size": (int(size[1]), int(size[2])),
-            "mean": tuple(cfg.get("mean", (0.5,))), "std": tuple(cfg.get("std", (0.5,)))}
+    in_chans = int(size[0])
+
+    def per_channel(v: tuple[float, ...]) -> tuple[float, ...]:
+        # timm keeps RGB statistics for a 1-channel model; like timm, use their mean then.
+        return v if len(v) in (1, in_chans) else (sum(v) / len(v),)
+    return {"in_chans": in_chans, "image_size": (int(size[1]), int(size[2])),
+            "mean": per_channel(tuple(cfg.get("mean", (0.5,)))), "std": per_channel(tuple(cfg.get("std", (0.5,))))}

@@ -16,7 +16,7 @@ from lrsurgery.errors import LrsurgeryError, TargetError
 from lrsurgery.layers.lora import LoRALinear
 from lrsurgery.targets import TargetReport, TargetSpec, resolve_targets, resolve_train
 
-METHODS = ("lora",)
+METHODS = ("lora", "full")
 
 
 @dataclass
@@ -66,6 +66,7 @@ def inject(model: nn.Module, method: str = "lora", rank: int = 8, alpha: float |
 
     ``alpha`` defaults to ``rank`` (scaling 1). ``targets`` follows PEFT's rules (see
     ``lrsurgery.targets``); ``train`` names modules to train in full (never adapted).
+    ``method="full"`` adds no adapter: it trains the ``train`` modules, by default the whole model.
     """
     if method not in METHODS:
         raise LrsurgeryError(f"unknown method {method!r}; this version knows: {', '.join(METHODS)}")
@@ -76,16 +77,21 @@ def inject(model: nn.Module, method: str = "lora", rank: int = 8, alpha: float |
     if not 0.0 <= dropout < 1.0:
         raise LrsurgeryError(f"dropout must be in [0, 1), got {dropout}")
     alpha = float(rank if alpha is None else alpha)
-    train_names = resolve_train(model, train)
-    report = resolve_targets(model, targets, exclude=train_names)
+    if method == "full":
+        train_names = resolve_train(model, train) if train else [""]  # "" = the whole model
+        report = None
+    else:
+        train_names = resolve_train(model, train)
+        report = resolve_targets(model, targets, exclude=train_names)
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in report.matched:
+    for name in (report.matched if report else []):
         set_submodule(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout, rslora, adapter_dtype))
     for name in train_names:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
-    config = AdapterConfig(method, rank, alpha, rslora, dropout, list(report.matched), train_names)
+    config = AdapterConfig(method, rank if report else 0, alpha if report else 0.0, rslora, dropout,
+                           list(report.matched) if report else [], train_names)
     model.lrsurgery_adapter = config
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return InjectReport(config, report, trainable, sum(p.numel() for p in model.parameters()))

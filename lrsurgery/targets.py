@@ -1,4 +1,4 @@
-"""Which modules to rewrite, with PEFT's matching rules, per-family presets, and a report.
+r"""Which modules to rewrite, with PEFT's matching rules, per-family presets, and a report.
 
 Rules (identical to PEFT's ``target_modules``):
   * a list entry matches a module whose full name equals it or ends with ``"." + entry``

@@ -1,0 +1,118 @@
+"""Extract an adapter: from a run, or by truncated SVD of the change between a tuned model and its base.
+
+For each target layer, ΔW = W_tuned − W_base (fp32, (out, in) orientation) = U S Vᵀ. Keeping the k
+largest singular values gives the best rank-k approximation (Eckart–Young):
+    B = U_k √S_k,  A = √S_k V_kᵀ,  alpha = k (scaling 1),  ‖ΔW − B A‖_F = sqrt(Σ_{i>k} σ_i²).
+``rank`` fixes k; ``energy`` picks the smallest k with Σ_{i≤k} σ_i² ≥ energy · Σ σ_i².
+Parameters outside the targets that changed (a new head, tuned norms) are kept in full.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lrsurgery import __version__
+from lrsurgery import format as fmt
+from lrsurgery.errors import LrsurgeryError, ShapeMismatchError
+from lrsurgery.layers.lora import linear_shape
+from lrsurgery.models import base_info
+from lrsurgery.targets import TargetSpec, resolve_targets
+
+
+@dataclass
+class ModuleExtraction:
+    """What SVD kept of one module's change."""
+
+    name: str
+    rank: int
+    full_rank: int
+    energy: float         # retained fraction of Σσ² (1.0 for an unchanged module)
+    error: float          # Frobenius norm of the discarded part
+
+
+def choose_rank(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
+    """k from a fixed rank or from a retained-energy threshold on σ² (at least 1)."""
+    if (rank is None) == (energy is None):
+        raise LrsurgeryError("give exactly one of --rank R or --energy E")
+    if rank is not None:
+        if rank < 1:
+            raise LrsurgeryError(f"--rank must be ≥ 1, got {rank}")
+        return min(rank, s.numel())
+    if not 0.0 < energy <= 1.0:
+        raise LrsurgeryError(f"--energy must be in (0, 1], got {energy}")
+    e = s.double() ** 2
+    total = float(e.sum())
+    if total == 0.0:
+        return 1
+    cum = torch.cumsum(e, 0) / total
+    return int(torch.searchsorted(cum, torch.tensor(energy * (1 - 1e-12), dtype=cum.dtype)).item()) + 1
+
+
+def svd_factors(delta: torch.Tensor, rank: int | None, energy: float | None):
+    """(A, B, k, retained energy, error) of the truncated SVD of ``delta`` [out, in]."""
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    k = choose_rank(s, rank, energy)
+    root = s[:k].sqrt()
+    b, a = u[:, :k] * root, root[:, None] * vh[:k]
+    e = s ** 2
+    total = float(e.sum())
+    retained = float(e[:k].sum()) / total if total > 0 else 1.0
+    return a.float(), b.float(), k, retained, math.sqrt(float(e[k:].sum()))
+
+
+@torch.no_grad()
+def extract_svd(base: nn.Module, tuned: nn.Module, targets: TargetSpec = None, *, rank: int | None = None,
+                energy: float | None = None, include_changed: bool = True) -> tuple[fmt.Adapter, list[ModuleExtraction]]:
+    """A LoRA adapter approximating ``tuned − base`` on the target layers, plus a per-module report."""
+    report = resolve_targets(base, targets)
+    tuned_modules = dict(tuned.named_modules())
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict] = {}
+    stats: list[ModuleExtraction] = []
+    for name in report.matched:
+        b_mod = base.get_submodule(name)
+        t_mod = tuned_modules.get(name)
+        if t_mod is None or t_mod.weight.shape != b_mod.weight.shape:
+            raise ShapeMismatchError(f"{name}: the tuned model has no layer of the base's shape here; "
+                                     "are both models the same architecture?")
+        out_f, in_f, fifo = linear_shape(b_mod)
+        delta = t_mod.weight.double() - b_mod.weight.double()
+        if fifo:  # Conv1D stores [in, out]: the adapter is defined in (out, in)
+            delta = delta.T
+        a, bmat, k, kept, err = svd_factors(delta, rank, energy)
+        stats.append(ModuleExtraction(name, k, min(out_f, in_f), kept, err))
+        modules[name] = {"kind": "lora", "rank": k, "alpha": float(k), "rslora": False, "scaling": 1.0,
+                         "in_features": in_f, "out_features": out_f, "fan_in_fan_out": fifo, "dtype": "float32",
+                         "base_tensors": {"weight": fmt.tensor_record(b_mod.weight)}}
+        tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = a.contiguous(), bmat.contiguous()
+    if include_changed:
+        _add_changed_modules(base, tuned, set(report.matched), modules, tensors)
+    info = base_info(base)
+    meta = {"base": info.as_dict() if info else {"ref": None}, "method": "lora",
+            "config": {"extracted": "svd", "rank": rank, "energy": energy},
+            "modules": modules,
+            "provenance": {"tool": f"lrsurgery {__version__}", "method": "svd-extract",
+                           "tuned": getattr(base_info(tuned), "ref", None),
+                           "retained_energy": {s.name: round(s.energy, 6) for s in stats}}}
+    return fmt.Adapter(tensors=tensors, meta=meta), stats
+
+
+def _add_changed_modules(base: nn.Module, tuned: nn.Module, targets: set[str], modules: dict, tensors: dict) -> None:
+    """Keep in full every non-target module whose own parameters changed (or changed shape)."""
+    base_mods = dict(base.named_modules())
+    for name, t_mod in tuned.named_modules():
+        if name in targets:
+            continue
+        own = dict(t_mod.named_parameters(recurse=False))
+        b_mod = base_mods.get(name)
+        b_own = dict(b_mod.named_parameters(recurse=False)) if b_mod is not None else {}
+        changed = any(p not in b_own or b_own[p].shape != t.shape or not torch.equal(b_own[p], t)
+                      for p, t in own.items())
+        if own and changed:
+            modules[name] = {"kind": "full", "tensors": {p: {"shape": list(t.shape), "dtype": fmt.dtype_name(t.dtype)}
+                                                         for p, t in own.items()}}
+            tensors.update({fmt.tensor_key(name, p): t.detach().contiguous() for p, t in own.items()})

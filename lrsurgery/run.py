@@ -1,0 +1,118 @@
+"""A run directory: the recipe that rebuilds the model, the current adapter, and the metrics log.
+
+    RUN_DIR/recipe.json          base reference + load arguments, injection config, training sessions
+    RUN_DIR/adapter.safetensors  the adapter (format v1), rewritten atomically after training
+    RUN_DIR/metrics.jsonl        one JSON record per step and per evaluation
+``inject`` creates it; ``train`` reads the recipe instead of asking again, trains, and saves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lrsurgery.adapter import apply_adapter, save_adapter
+from lrsurgery.errors import LrsurgeryError, OutputExistsError
+from lrsurgery.format import atomic_write
+from lrsurgery.models import base_info, input_config, load_model, model_dir
+from lrsurgery.surgery import InjectReport, inject
+from lrsurgery.targets import TargetSpec
+from lrsurgery.train.data import build_data
+from lrsurgery.train.loop import TrainConfig, TrainResult, jsonl_logger, train
+
+RECIPE, ADAPTER, METRICS = "recipe.json", "adapter.safetensors", "metrics.jsonl"
+
+
+@dataclass
+class Run:
+    """An opened run: its directory, recipe, and the model with the adapter applied (trainable)."""
+
+    path: Path
+    recipe: dict[str, Any]
+    model: nn.Module
+
+
+def create_run(model_ref: str, out: str | os.PathLike, *, weights: str | None = None, init: str = "pretrained",
+               num_classes: int | None = None, seed: int = 0, method: str = "lora", rank: int = 8,
+               alpha: float | None = None, rslora: bool = False, dropout: float = 0.0,
+               targets: TargetSpec = None, train: TargetSpec = None, force: bool = False) -> tuple[Run, InjectReport]:
+    """Load the base, inject, and write a run directory with the initialized adapter and the recipe."""
+    out = Path(out)
+    if (out / RECIPE).exists() and not force:
+        raise OutputExistsError(f"{out} already holds a run; pass --force to overwrite it or choose another -o")
+    model = load_model(model_ref, weights=weights, init=init, num_classes=num_classes, seed=seed)
+    report = inject(model, method=method, rank=rank, alpha=alpha, targets=targets, train=train,
+                    dropout=dropout, rslora=rslora)
+    info = base_info(model)
+    recipe = {"base": info.as_dict(), "load": {"ref": model_ref, **info.load_kwargs()},
+              "inject": {**report.config.as_dict(), "target_spec": targets, "train_spec": train},
+              "seed": seed, "sessions": []}
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / METRICS).exists():
+        (out / METRICS).unlink()
+    save_adapter(model, out / ADAPTER, force=True, provenance={"method": method, "steps": 0})
+    write_recipe(out, recipe)
+    return Run(out, recipe, model), report
+
+
+def write_recipe(run_dir: Path, recipe: dict[str, Any]) -> None:
+    atomic_write(run_dir / RECIPE, lambda tmp: tmp.write_text(json.dumps(recipe, indent=2)))
+
+
+def open_run(run_dir: str | os.PathLike) -> Run:
+    """Rebuild the base from the recipe and apply the run's adapter (checked against the base, trainable)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RECIPE).is_file():
+        raise LrsurgeryError(f"{run_dir} is not a run directory (no {RECIPE}); create one with `lrsurgery inject`")
+    recipe = json.loads((run_dir / RECIPE).read_text())
+    load = dict(recipe["load"])
+    model = load_model(load.pop("ref"), **load)
+    cfg = recipe["inject"]
+    if cfg["method"] == "lora":
+        inject(model, method="lora", rank=cfg["rank"], alpha=cfg["alpha"], targets=cfg["targets"],
+               train=cfg["train"] or None, dropout=cfg["dropout"], rslora=cfg["rslora"])
+    apply_adapter(model, run_dir / ADAPTER, trainable=True)
+    return Run(run_dir, recipe, model)
+
+
+def train_run(run_dir: str | os.PathLike, data: str, config: TrainConfig, *, max_length: int = 128) -> TrainResult:
+    """Train a run on a data spec, then save its adapter and record the session in the recipe."""
+    run = open_run(run_dir)
+    tokenizer = None
+    if data.startswith("text:"):
+        tokenizer = load_tokenizer(run.model)
+    cfg = input_config(run.model)
+    bundle = build_data(data, image_size=cfg["image_size"], in_chans=cfg["in_chans"], mean=cfg["mean"],
+                        std=cfg["std"], tokenizer=tokenizer, max_length=max_length, seed=config.seed)
+    head = run.recipe["base"].get("num_classes")
+    if bundle.num_classes and head and bundle.num_classes != head:
+        raise LrsurgeryError(f"the data has {bundle.num_classes} classes but the model's head has {head}; "
+                             f"inject with --num-classes {bundle.num_classes}")
+    result = train(run.model, bundle, config, log=jsonl_logger(run.path / METRICS))
+    steps = sum(s["steps"] for s in run.recipe["sessions"]) + result.steps
+    save_adapter(run.model.cpu(), run.path / ADAPTER, force=True, provenance={
+        "method": run.recipe["inject"]["method"], "optimizer": "adamw", "steps": steps, "data": data,
+        "eval": result.eval})
+    run.recipe["sessions"].append({"data": data, "config": vars(config), "steps": result.steps,
+                                   "eval": result.eval, "seconds": round(result.seconds, 3)})
+    write_recipe(run.path, run.recipe)
+    return result
+
+
+def load_tokenizer(model: nn.Module):
+    """The tokenizer saved beside the base model (transformers directories and hub snapshots)."""
+    from transformers import AutoTokenizer
+    info = base_info(model)
+    where = model_dir(info) if info else None
+    if where is None:
+        raise LrsurgeryError("text data needs a tokenizer, but the base was not loaded from a transformers "
+                             "directory or the hub")
+    try:
+        return AutoTokenizer.from_pretrained(where)
+    except Exception as e:
+        raise LrsurgeryError(f"no tokenizer in {where} ({e}); save one beside the model")

@@ -1,0 +1,179 @@
+"""The training loop: AdamW over the trainable parameters, per-epoch evaluation, JSONL metrics.
+
+Deterministic for a given seed on a given device (data order, dropout and init all draw from it).
+The first step is measured: bytes of parameters, gradients, optimizer state and saved activations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from lrsurgery.errors import TrainingError
+from lrsurgery.memory import MemoryReport, measure_step
+from lrsurgery.train.data import DataBundle, collate
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training session."""
+
+    epochs: int | None = 1          # ignored when steps is set
+    steps: int | None = None
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    seed: int = 0
+    device: str = "auto"            # "auto" = CUDA when present, else CPU
+    eval_batch_size: int = 256
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs: float
+    seconds: float
+    train_loss: float
+    eval: dict[str, float]
+    memory: MemoryReport | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["memory"] = self.memory.as_dict() if self.memory else None
+        return d
+
+
+def select_device(spec: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def compute_loss(model: nn.Module, batch: Any, task: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Loss of one batch, and per-example correctness for classification (None for LMs)."""
+    if task == "causal-lm":
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(**batch)
+        if getattr(out, "loss", None) is None:
+            raise TrainingError("text data needs a causal LM (a model with an LM head); load e.g. GPT2LMHeadModel")
+        return out.loss, None
+    images, labels = batch[0].to(device), batch[1].to(device)
+    out = model(images)
+    logits = out.logits if hasattr(out, "logits") else out
+    if logits.dim() != 2:
+        raise TrainingError(f"the model returns {tuple(logits.shape)} outputs, not class logits; "
+                            "give the model a classification head (--num-classes N)")
+    return F.cross_entropy(logits, labels), logits.argmax(-1) == labels
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, task: str, device: torch.device, batch_size: int = 256) -> dict[str, float]:
+    """Mean loss (and accuracy for classification) over ``dataset`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    total_loss, n, correct = 0.0, 0, 0
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
+        loss, hits = compute_loss(model, batch, task, device)
+        size = len(batch[1]) if task != "causal-lm" else batch["input_ids"].shape[0]
+        total_loss += float(loss) * size
+        n += size
+        correct += int(hits.sum()) if hits is not None else 0
+    model.train(was_training)
+    result = {"loss": total_loss / max(n, 1)}
+    if task != "causal-lm":
+        result["accuracy"] = correct / max(n, 1)
+    else:
+        result["perplexity"] = math.exp(min(result["loss"], 50.0))
+    return result
+
+
+def train(model: nn.Module, data: DataBundle, config: TrainConfig,
+          log: Callable[[dict[str, Any]], None] | None = None,
+          make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None) -> TrainResult:
+    """Train the model's trainable parameters on ``data``; return losses, eval metrics and memory."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("the model has no trainable parameters: inject an adapter or pass --train")
+    device = select_device(config.device)
+    torch.manual_seed(config.seed)
+    model.to(device).train()
+    optimizer = make_optimizer(params) if make_optimizer else \
+        torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, collate_fn=collate,
+                        drop_last=len(data.train) > config.batch_size,
+                        generator=torch.Generator().manual_seed(config.seed))
+    if len(loader) == 0:
+        raise TrainingError("the training set is empty")
+    total = config.steps if config.steps else len(loader) * (config.epochs or 1)
+    log = log or (lambda record: None)
+    history: list[dict[str, Any]] = []
+    memory, step, running, start = None, 0, 0.0, time.perf_counter()
+    bar = tqdm(total=total, disable=not config.progress, desc="train", unit="step", leave=False)
+    epoch = 0
+    while step < total:
+        for batch in loader:
+            holder: dict[str, torch.Tensor] = {}
+
+            def forward() -> torch.Tensor:
+                holder["loss"] = compute_loss(model, batch, data.task, device)[0]
+                return holder["loss"]
+
+            if memory is None:  # measure the first step: it allocates everything later steps reuse
+                memory = measure_step(model, forward, optimizer=None)
+            else:
+                forward().backward()
+            loss = holder["loss"]
+            if not torch.isfinite(loss.detach()):
+                raise TrainingError(f"loss became {float(loss.detach())} at step {step + 1}; lower --lr and retrain")
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_value = float(loss.detach())
+            running += loss_value
+            record = {"step": step, "epoch": epoch + 1, "loss": loss_value}
+            log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if step >= total:
+                break
+        epoch += 1
+        if step % len(loader) == 0 or step >= total:
+            metrics = evaluate(model, data.eval, data.task, device, config.eval_batch_size)
+            record = {"step": step, "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()}}
+            history.append(record)
+            log(record)
+    bar.close()
+    if memory is not None:
+        from lrsurgery.memory import optimizer_state_bytes
+        memory.optimizer_state = optimizer_state_bytes(optimizer)
+    final = history[-1] if history else {}
+    return TrainResult(steps=step, epochs=step / len(loader), seconds=time.perf_counter() - start,
+                       train_loss=running / max(step, 1),
+                       eval={k[5:]: v for k, v in final.items() if k.startswith("eval_")},
+                       memory=memory, history=history)
+
+
+def jsonl_logger(path: Path) -> Callable[[dict[str, Any]], None]:
+    """A ``log`` callback that appends each record as one JSON line to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(record: dict[str, Any]) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return log
