@@ -11,6 +11,7 @@ Weights are read from safetensors, or with ``torch.load(weights_only=True)`` at 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -85,6 +86,7 @@ def load_model(ref: str, *, weights: str | os.PathLike | None = None, init: str 
                 raise ModelNotFoundError(f"cannot resolve model {ref!r}: expected timm:NAME, hf:ORG/NAME[@REV] "
                                          "or a local directory with config.json")
             cfg = _read_json(path / "config.json")
+            ref = str(path.resolve())  # a run must find its base again from any working directory
             if "architecture" in cfg:
                 model, info = _load_timm(ref, None, weights, init, num_classes, local_dir=path)
             else:
@@ -111,7 +113,12 @@ def _load_timm(ref: str, name: str | None, weights, init: str, num_classes: int 
     kwargs = dict(model_args)
     if local_dir is not None and saved_classes is not None:
         kwargs["num_classes"] = saved_classes
-    model = timm.create_model(name, pretrained=False, **kwargs)
+    quiet = logging.getLogger("timm.data.model_config")  # warns about RGB stats on 1-channel models
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    finally:
+        quiet.setLevel(level)
     info = BaseInfo(ref=ref, library="timm", source="random-init")
     if weights is not None:
         state = read_state_dict(weights)

@@ -21,7 +21,7 @@ from lrsurgery.errors import LrsurgeryError, OutputExistsError
 from lrsurgery.format import atomic_write
 from lrsurgery.models import base_info, input_config, load_model, model_dir
 from lrsurgery.surgery import InjectReport, inject
-from lrsurgery.targets import TargetSpec
+from lrsurgery.targets import TargetSpec, head_names
 from lrsurgery.train.data import build_data
 from lrsurgery.train.loop import TrainConfig, TrainResult, jsonl_logger, train
 
@@ -46,6 +46,8 @@ def create_run(model_ref: str, out: str | os.PathLike, *, weights: str | None = 
     if (out / RECIPE).exists() and not force:
         raise OutputExistsError(f"{out} already holds a run; pass --force to overwrite it or choose another -o")
     model = load_model(model_ref, weights=weights, init=init, num_classes=num_classes, seed=seed)
+    if train is None and num_classes is not None and method == "lora":
+        train = sorted(head_names(model))  # a new head must be trained in full
     report = inject(model, method=method, rank=rank, alpha=alpha, targets=targets, train=train,
                     dropout=dropout, rslora=rslora)
     info = base_info(model)

@@ -10,7 +10,9 @@ Parameters outside the targets that changed (a new head, tuned norms) are kept i
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,7 +21,7 @@ from lrsurgery import __version__
 from lrsurgery import format as fmt
 from lrsurgery.errors import LrsurgeryError, ShapeMismatchError
 from lrsurgery.layers.lora import linear_shape
-from lrsurgery.models import base_info
+from lrsurgery.models import base_info, load_model
 from lrsurgery.targets import TargetSpec, resolve_targets
 
 
@@ -116,3 +118,34 @@ def _add_changed_modules(base: nn.Module, tuned: nn.Module, targets: set[str], m
             modules[name] = {"kind": "full", "tensors": {p: {"shape": list(t.shape), "dtype": fmt.dtype_name(t.dtype)}
                                                          for p, t in own.items()}}
             tensors.update({fmt.tensor_key(name, p): t.detach().contiguous() for p, t in own.items()})
+
+
+def extract_from_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> Path:
+    """Copy a run's adapter to a standalone file (re-validated, written atomically)."""
+    from lrsurgery.run import ADAPTER
+    src = Path(run_dir) / ADAPTER
+    if not src.is_file():
+        raise LrsurgeryError(f"{run_dir} has no {ADAPTER}; is it a run directory made by `lrsurgery inject`?")
+    return fmt.write(out, fmt.read(src), force=force)
+
+
+def extract_models(base_ref: str, tuned_ref: str, out: str | os.PathLike, *, targets: TargetSpec = None,
+                   rank: int | None = None, energy: float | None = None,
+                   force: bool = False) -> tuple[Path, list[ModuleExtraction]]:
+    """``lrsurgery extract --base --tuned``: load both models, extract by SVD, write the adapter."""
+    out = Path(out)
+    if out.exists() and not force:
+        from lrsurgery.errors import OutputExistsError
+        raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
+    choose_rank(torch.ones(1), rank, energy)  # validate the arguments before loading two models
+    tuned = load_model(tuned_ref)
+    classes = getattr(tuned, "num_classes", None) or getattr(getattr(tuned, "config", None), "num_labels", None)
+    base = load_model(base_ref)
+    if _head_size(base) != _head_size(tuned) and classes:
+        base = load_model(base_ref, num_classes=classes)
+    adapter, stats = extract_svd(base, tuned, targets, rank=rank, energy=energy)
+    return fmt.write(out, adapter, force=force), stats
+
+
+def _head_size(model: nn.Module) -> int | None:
+    return getattr(model, "num_classes", None)

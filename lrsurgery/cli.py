@@ -1,0 +1,260 @@
+"""The ``lrsurgery`` command line: each command parses, calls the Python API, and prints a table or JSON.
+
+User errors (``LrsurgeryError``) print one line on stderr, without a traceback, and exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lrsurgery import __version__
+from lrsurgery.errors import LrsurgeryError
+from lrsurgery.report import adapter_summary, inspect_model, print_json, table
+
+
+class Group(click.Group):
+    """A click group that shows project errors as one clear line and a non-zero exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                return super().invoke(ctx)
+        except LrsurgeryError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+
+
+def list_option(*names: str, help: str) -> Any:
+    """A repeatable option whose values may also be comma-separated (``--targets a,b --targets c``)."""
+    return click.option(*names, multiple=True, help=help + " Comma-separated; may repeat.")
+
+
+def model_options(f: Any) -> Any:
+    f = click.option("--seed", type=int, default=0, show_default=True, help="Seed of random inits (model, head).")(f)
+    f = click.option("--num-classes", type=int, help="Replace the classification head with N classes.")(f)
+    f = click.option("--init", type=click.Choice(["pretrained", "random"]), default="pretrained",
+                     show_default=True, help="random: seeded fresh init instead of pretrained weights.")(f)
+    f = click.option("--weights", type=click.Path(dir_okay=False), help="Weights file for timm:NAME (safetensors).")(f)
+    return f
+
+
+def targets_arg(values: tuple[str, ...]) -> Any:
+    """CLI target values → the API's spec: None (preset), a regex string, or a list."""
+    from lrsurgery.targets import _is_regex, split_spec
+    if not values:
+        return None
+    if len(values) == 1 and _is_regex(values[0]):
+        return values[0]
+    return split_spec(values)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lrsurgery")
+def main() -> None:
+    """Model surgery for memory-efficient low-rank training: inject, train, extract, merge adapters."""
+
+
+@main.command()
+@click.argument("model")
+@model_options
+@list_option("--targets", help="Modules to adapt (PEFT rules; default: the family preset).")
+@click.option("--rank", type=int, default=8, show_default=True, help="LoRA rank for the estimate.")
+@click.option("--all", "show_all", is_flag=True, help="List every module, not only linear layers.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(model: str, weights: str | None, init: str, num_classes: int | None, seed: int,
+            targets: tuple[str, ...], rank: int, show_all: bool, as_json: bool) -> None:
+    """List MODEL's modules, which ones the targets match, and LoRA's cost at --rank."""
+    from lrsurgery.models import load_model
+    m = load_model(model, weights=weights, init=init, num_classes=num_classes, seed=seed)
+    info = inspect_model(m, targets_arg(targets), rank)
+    if as_json:
+        return print_json(info)
+    rows = [r for r in info["modules"] if show_all or r["linear"]]
+    table(f"{model} — {info['family'] or 'unknown family'}, {info['total_params']:,} parameters",
+          ["module", "type", "shape", "params", "target"],
+          [[r["name"], r["type"], "×".join(map(str, r["shape"])) if r["shape"] else "", f"{r['params']:,}",
+            "✓" if r["target"] else ""] for r in rows])
+    e = info["lora"]
+    click.echo(f"{len(info['matched'])} target modules; LoRA rank {rank}: {e['trainable_params']:,} trainable "
+               f"parameters ({e['trainable_params'] / max(info['total_params'], 1):.2%}), "
+               f"adapter + grads + AdamW state ≈ {e['training_bytes_h']}")
+
+
+@main.command()
+@click.argument("model")
+@model_options
+@click.option("--method", type=click.Choice(["lora", "full"]), default="lora", show_default=True)
+@click.option("--rank", "-r", type=int, default=8, show_default=True)
+@click.option("--alpha", type=float, help="LoRA alpha (scaling alpha/r). Default: 2·rank.")
+@click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(r) (rank-stabilized LoRA).")
+@click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout on the adapter branch.")
+@list_option("--targets", help="Modules to adapt (PEFT rules: name or .suffix; a regex; all-linear; preset).")
+@list_option("--train", help="Modules to train in full, e.g. head.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
+@click.option("--force", is_flag=True, help="Overwrite an existing run directory.")
+@click.option("--json", "as_json", is_flag=True)
+def inject(model: str, weights: str | None, init: str, num_classes: int | None, seed: int, method: str, rank: int,
+           alpha: float | None, rslora: bool, dropout: float, targets: tuple[str, ...], train: tuple[str, ...],
+           out: str, force: bool, as_json: bool) -> None:
+    """Wrap MODEL's target layers with LoRA and write a run directory (adapter + recipe)."""
+    from lrsurgery.run import create_run
+    run, report = create_run(model, out, weights=weights, init=init, num_classes=num_classes, seed=seed,
+                             method=method, rank=rank, alpha=2.0 * rank if alpha is None else alpha,
+                             rslora=rslora, dropout=dropout, targets=targets_arg(targets),
+                             train=targets_arg(train), force=force)
+    summary = {"run": str(run.path), "base": run.recipe["base"], "method": method,
+               "targets": report.config.targets, "train": report.config.train,
+               "trainable_params": report.trainable_params, "total_params": report.total_params}
+    if as_json:
+        return print_json(summary)
+    click.echo(f"base: {run.recipe['base']['ref']} (weights: {run.recipe['base']['source']})")
+    click.echo(f"{method}: {len(report.config.targets)} adapted modules, trained in full: "
+               f"{', '.join(report.config.train) or 'none'}")
+    click.echo(f"trainable parameters: {report.trainable_params:,} of {report.total_params:,} "
+               f"({report.trainable_params / report.total_params:.2%})")
+    click.echo(f"run directory: {run.path}")
+
+
+@main.command("train")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", required=True, help="digits[:5-9] | imagefolder:DIR | text:FILE")
+@click.option("--epochs", type=int, default=1, show_default=True)
+@click.option("--steps", type=int, help="Train for N steps instead of --epochs.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--max-grad-norm", type=float, help="Clip gradients to this norm.")
+@click.option("--max-length", type=int, default=128, show_default=True, help="Token block length for text data.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda:0, ...")
+@click.option("--no-progress", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def train_cmd(run_dir: str, data: str, epochs: int, steps: int | None, batch_size: int, lr: float, weight_decay: float,
+              max_grad_norm: float | None, max_length: int, seed: int, device: str, no_progress: bool,
+              as_json: bool) -> None:
+    """Train RUN_DIR's adapter on --data; saves the adapter and appends metrics.jsonl."""
+    from lrsurgery.memory import format_bytes
+    from lrsurgery.run import train_run
+    from lrsurgery.train.loop import TrainConfig
+    config = TrainConfig(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                         max_grad_norm=max_grad_norm, seed=seed, device=device,
+                         progress=not no_progress and not as_json)
+    result = train_run(run_dir, data, config, max_length=max_length)
+    if as_json:
+        return print_json(result.as_dict())
+    mem = result.memory
+    table(f"trained {result.steps} steps ({result.epochs:.2f} epochs) in {result.seconds:.1f} s",
+          ["metric", "value"],
+          [["train loss", f"{result.train_loss:.4f}"], *[[f"eval {k}", f"{v:.4f}"] for k, v in result.eval.items()],
+           *([["params", format_bytes(mem.params)], ["grads", format_bytes(mem.grads)],
+              ["optimizer state", format_bytes(mem.optimizer_state)],
+              ["saved activations", format_bytes(mem.activations)], ["total", format_bytes(mem.total)]]
+             if mem else [])])
+
+
+@main.command()
+@click.argument("run_dir", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--base", help="Base model reference (SVD extraction).")
+@click.option("--tuned", help="Fine-tuned model reference (SVD extraction).")
+@click.option("--rank", "-r", type=int, help="Keep R singular values per module.")
+@click.option("--energy", type=float, help="Keep the fewest singular values holding this fraction of Σσ².")
+@list_option("--targets", help="Modules to extract (default: the family preset).")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Adapter file to write.")
+@click.option("--force", is_flag=True, help="Overwrite --out.")
+@click.option("--json", "as_json", is_flag=True)
+def extract(run_dir: str | None, base: str | None, tuned: str | None, rank: int | None, energy: float | None,
+            targets: tuple[str, ...], out: str, force: bool, as_json: bool) -> None:
+    """Write an adapter file: from RUN_DIR, or by SVD of (--tuned − --base)."""
+    from lrsurgery.ops.extract import extract_from_run, extract_models
+    if run_dir:
+        if base or tuned:
+            raise click.UsageError("give either RUN_DIR or --base/--tuned, not both")
+        path = extract_from_run(run_dir, out, force=force)
+        summary = adapter_summary(path)
+        return print_json(summary) if as_json else click.echo(f"wrote {path} ({summary['file_bytes']:,} bytes)")
+    if not (base and tuned):
+        raise click.UsageError("SVD extraction needs --base MODEL and --tuned MODEL (or give a RUN_DIR)")
+    path, stats = extract_models(base, tuned, out, targets=targets_arg(targets), rank=rank, energy=energy, force=force)
+    rows = [{"module": s.name, "rank": s.rank, "full_rank": s.full_rank, "energy": s.energy, "error": s.error}
+            for s in stats]
+    if as_json:
+        return print_json({"adapter": str(path), "modules": rows})
+    table(f"SVD extraction → {path}", ["module", "rank", "of", "retained energy", "‖error‖_F"],
+          [[r["module"], r["rank"], r["full_rank"], f"{r['energy']:.4%}", f"{r['error']:.3e}"] for r in rows])
+
+
+@main.command()
+@click.argument("model")
+@click.argument("adapter", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(), help="Merged model: a directory, or FILE.safetensors.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Weights file for timm:NAME.")
+@click.option("--force", is_flag=True, help="Overwrite --out, and merge despite a base-hash mismatch (warns).")
+@click.option("--json", "as_json", is_flag=True)
+def merge(model: str, adapter: str, out: str, weights: str | None, force: bool, as_json: bool) -> None:
+    """Fold ADAPTER into MODEL and save the merged model in the base's own layout."""
+    from lrsurgery.ops.merge import merge_files
+    path = merge_files(model, adapter, out, weights=weights, force=force, force_base=force)
+    if as_json:
+        return print_json({"merged": str(path)})
+    click.echo(f"merged {adapter} into {model} → {path}")
+
+
+@main.command()
+@click.argument("adapter", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def show(adapter: str, as_json: bool) -> None:
+    """Show an adapter file: base, modules, ranks, parameters, validation."""
+    summary = adapter_summary(adapter)
+    if as_json:
+        return print_json(summary)
+    base = summary["base"]
+    click.echo(f"{adapter}: lrsurgery adapter v{summary['format_version']}, valid ✓")
+    click.echo(f"base: {base.get('ref')} (weights: {base.get('source', '?')}"
+               + (f", revision {base['revision']}" if base.get("revision") else "") + ")")
+    click.echo(f"method: {summary['method']}; {summary['num_parameters']:,} parameters in "
+               f"{len(summary['modules'])} modules; {summary['file_bytes']:,} bytes")
+    prov = summary.get("provenance", {})
+    if prov:
+        click.echo("provenance: " + ", ".join(f"{k}={v}" for k, v in prov.items() if not isinstance(v, dict)))
+    table(None, ["module", "kind", "rank", "alpha", "scaling", "shape", "params"],
+          [[m["name"], m["kind"], m.get("rank", ""), m.get("alpha", ""), m.get("scaling", ""), m["shape"], f"{m['params']:,}"]
+           for m in summary["modules"]])
+
+
+@main.command()
+@click.option("-o", "--out", type=click.Path(file_okay=False), help="Output directory (default: a new temp dir).")
+@click.option("--ranks", default="1,2,4,8,16", show_default=True, help="LoRA ranks to compare.")
+@click.option("--epochs", type=int, default=12, show_default=True, help="Epochs on the new domain.")
+@click.option("--quick", is_flag=True, help="A smaller run (fewer epochs and ranks), for smoke tests.")
+@click.option("--json", "as_json", is_flag=True)
+def demo(out: str | None, ranks: str, epochs: int, quick: bool, as_json: bool) -> None:
+    """Adapt a small pretrained ViT from digits 0-4 to 5-9: LoRA ranks vs full fine-tuning."""
+    from lrsurgery.demo import DemoConfig, run_demo
+    from lrsurgery.memory import format_bytes
+    config = DemoConfig(ranks=tuple(int(r) for r in ranks.split(",")), epochs=epochs, progress=not as_json)
+    if quick:
+        config = DemoConfig(ranks=config.ranks[:2], pretrain_epochs=3, epochs=1, progress=False)
+    result = run_demo(out, config, echo=(lambda s: click.echo(s, err=True)))
+    if as_json:
+        return print_json(result)
+    table("LoRA ranks vs full fine-tuning: ViT pre-trained on digits 0-4, adapted to digits 5-9",
+          ["method", "rank", "trainable params", "total params", "memory", "accuracy", "time", "adapter file"],
+          [["LoRA" if r["method"] == "lora" else "Full fine-tuning", r["rank"] or "–", f"{r['trainable_params']:,}",
+            f"{r['total_params']:,}", format_bytes(r["memory_bytes"]), f"{r['accuracy']:.4f}", f"{r['seconds']:.1f} s",
+            format_bytes(r["adapter_bytes"])] for r in result["rows"]])
+    click.echo(f"base accuracy on digits 0-4: {result['base_accuracy']:.4f}")
+    click.echo(f"adapter: {result['adapter']} ({format_bytes(result['adapter_file_bytes'])}); merged model: "
+               f"{result['merged']} (accuracy {result['merged_accuracy']:.4f}, max |logit diff| vs adapted "
+               f"{result['merge_max_abs_diff']:.2e})")
+    click.echo("memory = weights + gradients + AdamW state + saved activations, measured at the first step.")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

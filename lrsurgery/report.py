@@ -1,0 +1,88 @@
+"""What the CLI shows: summaries of models and adapter files as plain data, and how to print them."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from lrsurgery import format as fmt
+from lrsurgery.errors import TargetError
+from lrsurgery.layers.lora import is_linear, linear_shape
+from lrsurgery.memory import format_bytes, lora_estimate
+from lrsurgery.targets import TargetSpec, family, head_names, resolve_targets
+
+
+def print_json(data: Any) -> None:
+    """One JSON document on stdout (non-finite floats as null)."""
+    print(json.dumps(_finite(data), indent=2, default=str))
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
+    """A rich table on stdout; numbers right-aligned."""
+    t = Table(title=title, title_justify="left", show_lines=False)
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="left" if i == 0 else "right", overflow="fold")
+    for r in rows:
+        t.add_row(*[str(v) for v in r])
+    Console(width=max(120, Console().width)).print(t)
+
+
+def inspect_model(model: nn.Module, targets: TargetSpec, rank: int) -> dict[str, Any]:
+    """Every module with type, weight shape and own parameter count; which are targets; LoRA's cost."""
+    try:
+        matched = set(resolve_targets(model, targets).matched)
+    except TargetError:
+        if targets is not None:
+            raise
+        matched = set()  # no family preset: show the model, match nothing
+    heads = head_names(model)
+    rows = []
+    for name, m in model.named_modules():
+        if not name:
+            continue
+        w = getattr(m, "weight", None)
+        rows.append({"name": name, "type": type(m).__name__, "linear": is_linear(m) or name in heads,
+                     "shape": list(w.shape) if w is not None and hasattr(w, "shape") else [],
+                     "params": sum(p.numel() for p in m.parameters(recurse=False)), "target": name in matched,
+                     "head": name in heads})
+    shapes = [linear_shape(model.get_submodule(n))[:2] for n in sorted(matched)]
+    estimate = lora_estimate(shapes, rank) if shapes else {"trainable_params": 0, "param_bytes": 0,
+                                                          "grad_bytes": 0, "optimizer_bytes": 0}
+    training = estimate["param_bytes"] + estimate["grad_bytes"] + estimate["optimizer_bytes"]
+    return {"family": family(model), "total_params": sum(p.numel() for p in model.parameters()),
+            "matched": sorted(matched), "modules": rows,
+            "lora": {**estimate, "rank": rank, "training_bytes": training, "training_bytes_h": format_bytes(training)}}
+
+
+def adapter_summary(path: str | Path) -> dict[str, Any]:
+    """Read (and so validate) an adapter file and describe it module by module."""
+    adapter = fmt.read(path)
+    modules = []
+    for name, e in adapter.modules.items():
+        if e["kind"] == "lora":
+            shape, params = f"{e['out_features']}×{e['in_features']}", e["rank"] * (e["in_features"] + e["out_features"])
+        else:
+            shapes = fmt.expected_tensors(name, e)
+            shape = ", ".join("×".join(map(str, s)) for s in shapes.values())
+            params = sum(math.prod(s) for s in shapes.values())
+        modules.append({"name": name or "(whole model)", "kind": e["kind"], "rank": e.get("rank"),
+                        "alpha": e.get("alpha"), "scaling": e.get("scaling"), "shape": shape, "params": params})
+    return {"path": str(path), "format_version": fmt.FORMAT_VERSION, "valid": True, "base": adapter.meta["base"],
+            "method": adapter.meta.get("method"), "provenance": adapter.meta.get("provenance", {}),
+            "num_parameters": adapter.num_parameters(), "file_bytes": Path(path).stat().st_size, "modules": modules}
