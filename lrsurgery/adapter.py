@@ -92,6 +92,9 @@ def check_base(model: nn.Module, adapter: fmt.Adapter, *, force: bool = False) -
             if (out_f, in_f) != (entry["out_features"], entry["in_features"]):
                 raise ShapeMismatchError(f"{name}: the model's layer is {out_f}×{in_f} (out×in) but the adapter "
                                          f"expects {entry['out_features']}×{entry['in_features']}; wrong base model?")
+            if isinstance(module, LoRALinear) and module.rank != entry["rank"]:
+                raise ShapeMismatchError(f"{name} already has LoRA of rank {module.rank} in the model but the "
+                                         f"adapter has rank {entry['rank']}; eject or merge it first")
             rec = entry["base_tensors"]["weight"]
             w = module.weight
             if list(w.shape) != rec["shape"] or fmt.tensor_sha256(w.to(fmt.dtype_from_name(rec["dtype"]))) != rec["sha256"]:
@@ -137,8 +140,6 @@ def apply_adapter(model: nn.Module, adapter: fmt.Adapter | str | os.PathLike, *,
             layer = existing.get(name)
             if layer is None:
                 layer = wrap_module(model, name, entry["rank"], entry["alpha"], entry.get("rslora", False))
-            elif layer.rank != entry["rank"]:
-                raise ShapeMismatchError(f"{name} has LoRA rank {layer.rank} in the model but {entry['rank']} in the adapter")
             layer.alpha, layer.rslora, layer.scaling = float(entry["alpha"]), entry.get("rslora", False), entry["scaling"]
             for part in ("lora_A", "lora_B"):
                 param = getattr(layer, part)

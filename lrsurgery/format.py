@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +37,7 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
 
 
-@dataclass
+@dataclass(eq=False)  # tensors have no truth value: compare adapters with torch.equal per tensor
 class Adapter:
     """An adapter in memory: tensors by name and the decoded ``adapter`` metadata object."""
 
@@ -66,7 +69,11 @@ def tensor_sha256(t: torch.Tensor) -> str:
     flat = t.detach().to("cpu").contiguous().reshape(-1)
     h = hashlib.sha256()
     if flat.numel():
-        h.update(flat.view(torch.uint8).numpy())
+        data = flat.view(torch.uint8).numpy()
+        if sys.byteorder == "big" and flat.element_size() > 1:  # the hash is defined on little-endian bytes
+            data = flat.numpy().byteswap().view("uint8") if flat.dtype != torch.bfloat16 else \
+                flat.view(torch.int16).numpy().byteswap().view("uint8")
+        h.update(data)
     return h.hexdigest()
 
 
@@ -111,7 +118,12 @@ def validate(tensors: dict[str, torch.Tensor], meta: dict[str, Any], where: str 
     expected: dict[str, tuple[int, ...]] = {}
     for name, entry in meta["modules"].items():
         _check_entry(name, entry, where)
-        expected.update(expected_tensors(name, entry))
+        own = expected_tensors(name, entry)
+        clash = sorted(set(own) & set(expected))
+        if clash:
+            raise AdapterFormatError(f"{where}: tensor {clash[0]!r} is claimed by two module entries "
+                                     "(nested modules?); list each parameter once")
+        expected.update(own)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:
@@ -135,27 +147,55 @@ def _check_entry(name: str, entry: Any, where: str) -> None:
     if not isinstance(entry, dict) or "kind" not in entry:
         raise AdapterFormatError(f"{where}: module {name!r} has no 'kind'")
     if entry["kind"] == "lora":
+        if not name:
+            raise AdapterFormatError(f"{where}: a LoRA entry must name a module (the root '' holds full entries only)")
         for key in ("rank", "alpha", "scaling", "in_features", "out_features", "fan_in_fan_out", "base_tensors"):
             if key not in entry:
                 raise AdapterFormatError(f"{where}: LoRA module {name!r} lacks {key!r}")
-        if not isinstance(entry["rank"], int) or entry["rank"] < 1:
-            raise AdapterFormatError(f"{where}: LoRA module {name!r} has invalid rank {entry['rank']!r}")
+        for key in ("rank", "in_features", "out_features"):
+            if not _is_int(entry[key]) or entry[key] < 1:
+                raise AdapterFormatError(f"{where}: LoRA module {name!r} has invalid {key} {entry[key]!r}")
+        for key in ("alpha", "scaling"):
+            if not isinstance(entry[key], (int, float)) or isinstance(entry[key], bool) or not math.isfinite(entry[key]):
+                raise AdapterFormatError(f"{where}: LoRA module {name!r} has invalid {key} {entry[key]!r}")
+        if not isinstance(entry["fan_in_fan_out"], bool):
+            raise AdapterFormatError(f"{where}: LoRA module {name!r}: fan_in_fan_out must be true or false")
+        rec = entry["base_tensors"].get("weight") if isinstance(entry["base_tensors"], dict) else None
+        if not isinstance(rec, dict) or not {"sha256", "shape", "dtype"} <= set(rec):
+            raise AdapterFormatError(f"{where}: LoRA module {name!r} lacks the base weight record (sha256, shape, dtype)")
     elif entry["kind"] == "full":
         if not isinstance(entry.get("tensors"), dict) or not entry["tensors"]:
             raise AdapterFormatError(f"{where}: full module {name!r} lists no tensors")
+        for p, rec in entry["tensors"].items():
+            if not isinstance(rec, dict) or not isinstance(rec.get("shape"), list) or \
+                    not all(_is_int(d) and d >= 0 for d in rec["shape"]):
+                raise AdapterFormatError(f"{where}: full module {name!r}: tensor {p!r} has no valid shape")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def write(path: str | os.PathLike, adapter: Adapter, *, force: bool = False) -> Path:
     """Validate, then write ``adapter`` to ``path`` atomically (temp file + rename)."""
     path = Path(path)
+    if path.is_dir():
+        raise OutputExistsError(f"{path} is a directory; give a file name such as {path / 'adapter.safetensors'}")
     if path.exists() and not force:
         raise OutputExistsError(f"{path} exists; pass --force (force=True) to overwrite it")
     validate(adapter.tensors, adapter.meta, where=str(path))
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
-                "adapter": json.dumps(adapter.meta, sort_keys=True, separators=(",", ":"))}
+                "adapter": _dumps(adapter.meta, path)}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.tensors.items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return path
+
+
+def _dumps(meta: dict[str, Any], path: Path) -> str:
+    try:  # NaN is not JSON: readers in other languages would reject the file
+        return json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except ValueError as e:
+        raise AdapterFormatError(f"{path}: metadata holds a NaN/Inf number ({e}); fix the value before saving")
 
 
 def atomic_write(path: Path, writer) -> None:
@@ -165,6 +205,9 @@ def atomic_write(path: Path, writer) -> None:
     os.close(fd)
     try:
         writer(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a shared file should follow the umask
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -215,15 +258,12 @@ def _decode_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
             f"{path}: not an lrsurgery adapter (metadata 'format' is {raw.get('format')!r}, expected {FORMAT!r}); "
             "a PEFT adapter can be imported with `lrsurgery convert --from peft`")
     version = raw.get("format_version")
-    try:
-        v = int(version)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    if not isinstance(version, str) or not re.fullmatch(r"[1-9][0-9]*", version):
         raise AdapterFormatError(f"{path}: invalid format_version {version!r}; the file is corrupt")
+    v = int(version)
     if v > FORMAT_VERSION:
         raise AdapterFormatError(f"{path}: written in adapter format v{v}, newer than this lrsurgery reads "
                                  f"(v{FORMAT_VERSION}); upgrade: pip install -U lrsurgery")
-    if v < 1:
-        raise AdapterFormatError(f"{path}: unknown adapter format version {v}")
     try:
         meta = json.loads(raw["adapter"])
     except (KeyError, json.JSONDecodeError) as e:
