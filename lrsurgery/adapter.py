@@ -130,9 +130,8 @@ def apply_adapter(model: nn.Module, adapter: fmt.Adapter | str | os.PathLike, *,
     if not isinstance(adapter, fmt.Adapter):
         adapter = load_adapter(adapter)
     check_base(model, adapter, force=force)
-    if not trainable:
-        for p in model.parameters():
-            p.requires_grad_(False)
+    for p in model.parameters():  # only what the adapter lists may train
+        p.requires_grad_(False)
     existing = lora_modules(model)
     full: list[str] = []
     for name, entry in adapter.modules.items():
@@ -153,7 +152,7 @@ def apply_adapter(model: nn.Module, adapter: fmt.Adapter | str | os.PathLike, *,
                 params[p].requires_grad_(trainable)
     cfg = adapter.meta.get("config", {})
     model.lrsurgery_adapter = AdapterConfig(
-        method=adapter.meta.get("method", "lora"), rank=cfg.get("rank", 0), alpha=cfg.get("alpha", 0.0),
+        method=adapter.meta.get("method", "lora"), rank=cfg.get("rank") or 0, alpha=cfg.get("alpha") or 0.0,
         rslora=cfg.get("rslora", False), dropout=cfg.get("dropout", 0.0),
         targets=list(lora_modules(model)), train=full)
     return adapter

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from lrsurgery.adapter import apply_adapter, save_adapter
@@ -48,10 +49,12 @@ def create_run(model_ref: str, out: str | os.PathLike, *, weights: str | None = 
     model = load_model(model_ref, weights=weights, init=init, num_classes=num_classes, seed=seed)
     if train is None and num_classes is not None and method == "lora":
         train = sorted(head_names(model))  # a new head must be trained in full
-    report = inject(model, method=method, rank=rank, alpha=alpha, targets=targets, train=train,
-                    dropout=dropout, rslora=rslora)
+    with torch.random.fork_rng(devices=[]):  # the initial adapter is a function of the seed
+        torch.manual_seed(seed)
+        report = inject(model, method=method, rank=rank, alpha=alpha, targets=targets, train=train,
+                        dropout=dropout, rslora=rslora)
     info = base_info(model)
-    recipe = {"base": info.as_dict(), "load": {"ref": model_ref, **info.load_kwargs()},
+    recipe = {"base": info.as_dict(), "load": {"ref": info.ref, **info.load_kwargs()},
               "inject": {**report.config.as_dict(), "target_spec": targets, "train_spec": train},
               "seed": seed, "sessions": []}
     out.mkdir(parents=True, exist_ok=True)
@@ -91,7 +94,7 @@ def train_run(run_dir: str | os.PathLike, data: str, config: TrainConfig, *, max
     cfg = input_config(run.model)
     bundle = build_data(data, image_size=cfg["image_size"], in_chans=cfg["in_chans"], mean=cfg["mean"],
                         std=cfg["std"], tokenizer=tokenizer, max_length=max_length, seed=config.seed)
-    head = run.recipe["base"].get("num_classes")
+    head = getattr(run.model, "num_classes", None) or getattr(getattr(run.model, "config", None), "num_labels", None)
     if bundle.num_classes and head and bundle.num_classes != head:
         raise LrsurgeryError(f"the data has {bundle.num_classes} classes but the model's head has {head}; "
                              f"inject with --num-classes {bundle.num_classes}")

@@ -55,10 +55,13 @@ def merge_state_dict(state: dict[str, torch.Tensor], adapter: fmt.Adapter, *, fo
         else:
             for p in entry["tensors"]:
                 key = fmt.tensor_key(name, p)
-                if key in state and state[key].shape != adapter.tensors[key].shape:
+                if key not in state:
+                    raise BaseMismatchError(f"the checkpoint has no tensor {key!r} for the adapter's module "
+                                            f"{name!r}; the adapter was made for {adapter.meta['base'].get('ref')!r}")
+                if state[key].shape != adapter.tensors[key].shape:
                     raise ShapeMismatchError(f"{key} has shape {list(state[key].shape)} in the checkpoint but "
                                              f"{list(adapter.tensors[key].shape)} in the adapter")
-                out[key] = adapter.tensors[key].to(state[key].dtype if key in state else adapter.tensors[key].dtype)
+                out[key] = adapter.tensors[key].to(state[key].dtype)
     if bad and not force:
         raise BaseMismatchError(f"{len(bad)} base weights differ from the ones the adapter was made on "
                                 f"(e.g. {bad[0]}); use the right base or pass --force")
