@@ -25,10 +25,23 @@ from lrsurgery.surgery import AdapterConfig, adapter_config, lora_modules, wrap_
 
 def lora_entry(layer: LoRALinear) -> dict[str, Any]:
     """The metadata of one LoRA module, including the hash of the base weight it modifies."""
-    return {"kind": "lora", "rank": layer.rank, "alpha": layer.alpha, "rslora": layer.rslora,
-            "scaling": layer.scaling, "in_features": layer.in_features, "out_features": layer.out_features,
-            "fan_in_fan_out": layer.fan_in_fan_out, "dtype": fmt.dtype_name(layer.lora_A.dtype),
-            "base_tensors": {"weight": fmt.tensor_record(layer.weight)}}
+    entry = {"kind": "lora", "rank": layer.rank, "alpha": layer.alpha, "rslora": layer.rslora,
+             "scaling": layer.scaling, "in_features": layer.in_features, "out_features": layer.out_features,
+             "fan_in_fan_out": layer.fan_in_fan_out, "dtype": fmt.dtype_name(layer.lora_A.dtype),
+             "base_tensors": {"weight": layer.base_weight_record or fmt.tensor_record(layer.weight)}}
+    if layer.folded_A is not None:  # ReLoRA: the total change, scaling folded into B
+        folded = layer.folded_A.shape[0]
+        entry.update(rank=folded + layer.rank, alpha=float(folded + layer.rank), rslora=False, scaling=1.0,
+                     folded_rank=folded)
+    return entry
+
+
+def lora_tensors(name: str, layer: LoRALinear) -> dict[str, torch.Tensor]:
+    """The file tensors of one LoRA module (folded ReLoRA factors first)."""
+    if layer.folded_A is None:
+        return {f"{name}.lora_A": layer.lora_A.detach(), f"{name}.lora_B": layer.lora_B.detach()}
+    a, b = layer.total_factors()
+    return {f"{name}.lora_A": a, f"{name}.lora_B": b}
 
 
 def adapter_from_model(model: nn.Module, provenance: dict[str, Any] | None = None) -> fmt.Adapter:
@@ -43,8 +56,7 @@ def adapter_from_model(model: nn.Module, provenance: dict[str, Any] | None = Non
         if layer.merged:
             raise LrsurgeryError(f"{name} is merged into its base; unmerge before saving the adapter")
         modules[name] = lora_entry(layer)
-        tensors[f"{name}.lora_A"] = layer.lora_A.detach()
-        tensors[f"{name}.lora_B"] = layer.lora_B.detach()
+        tensors.update(lora_tensors(name, layer))
     for name in config.train:
         params = dict(model.get_submodule(name).named_parameters())
         if not params:
@@ -92,10 +104,16 @@ def check_base(model: nn.Module, adapter: fmt.Adapter, *, force: bool = False) -
             if (out_f, in_f) != (entry["out_features"], entry["in_features"]):
                 raise ShapeMismatchError(f"{name}: the model's layer is {out_f}×{in_f} (out×in) but the adapter "
                                          f"expects {entry['out_features']}×{entry['in_features']}; wrong base model?")
-            if isinstance(module, LoRALinear) and module.rank != entry["rank"]:
+            current_rank = entry["rank"] - entry.get("folded_rank", 0)
+            if isinstance(module, LoRALinear) and module.rank not in (entry["rank"], current_rank):
                 raise ShapeMismatchError(f"{name} already has LoRA of rank {module.rank} in the model but the "
                                          f"adapter has rank {entry['rank']}; eject or merge it first")
             rec = entry["base_tensors"]["weight"]
+            if isinstance(module, LoRALinear) and module.base_weight_record is not None:
+                # the live weight holds folded ReLoRA updates: compare the original's record instead
+                if module.base_weight_record["sha256"] != rec["sha256"]:
+                    mismatched.append(name)
+                continue
             w = module.weight
             if list(w.shape) != rec["shape"] or fmt.tensor_sha256(w.to(fmt.dtype_from_name(rec["dtype"]))) != rec["sha256"]:
                 mismatched.append(name)
@@ -139,10 +157,19 @@ def apply_adapter(model: nn.Module, adapter: fmt.Adapter | str | os.PathLike, *,
             layer = existing.get(name)
             if layer is None:
                 layer = wrap_module(model, name, entry["rank"], entry["alpha"], entry.get("rslora", False))
-            layer.alpha, layer.rslora, layer.scaling = float(entry["alpha"]), entry.get("rslora", False), entry["scaling"]
-            for part in ("lora_A", "lora_B"):
+            a, b = adapter.tensors[f"{name}.lora_A"], adapter.tensors[f"{name}.lora_B"]
+            folded = entry.get("folded_rank", 0)
+            if folded and layer.rank == entry["rank"] - folded:
+                # A ReLoRA adapter onto a layer of the training rank: fold the history into W, keep
+                # the last `rank` components as the live adapter (B was stored pre-multiplied by s).
+                layer.base_weight_record = entry["base_tensors"]["weight"]
+                layer.fold(a[:folded], b[:, :folded])
+                a, b = a[folded:], b[:, folded:] / layer.scaling
+            else:
+                layer.alpha, layer.rslora, layer.scaling = float(entry["alpha"]), entry.get("rslora", False), entry["scaling"]
+            for part, value in (("lora_A", a), ("lora_B", b)):
                 param = getattr(layer, part)
-                param.copy_(adapter.tensors[f"{name}.{part}"].to(param.dtype))
+                param.copy_(value.to(param.dtype))
                 param.requires_grad_(trainable)
         else:
             full.append(name)

@@ -132,20 +132,51 @@ def inject(model: str, weights: str | None, init: str, num_classes: int | None, 
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--max-grad-norm", type=float, help="Clip gradients to this norm.")
 @click.option("--max-length", type=int, default=128, show_default=True, help="Token block length for text data.")
+@click.option("--accumulation", type=int, default=1, show_default=True,
+              help="Micro-batches per optimizer step (--batch-size is the whole step's batch).")
+@click.option("--bf16", is_flag=True, help="bf16 autocast for the forward pass.")
+@click.option("--optimizer", type=click.Choice(["adamw", "galore", "galore-adafactor", "flora"]), default="adamw",
+              show_default=True)
+@click.option("--optim-rank", type=int, default=128, show_default=True, help="GaLore/Flora projection rank.")
+@click.option("--update-gap", type=int, default=200, show_default=True, help="GaLore: steps between SVD refreshes.")
+@click.option("--scale", type=float, default=0.25, show_default=True, help="GaLore: scale of the projected update.")
+@click.option("--proj-type", type=click.Choice(["std", "reverse_std", "left", "right", "full"]), default="std",
+              show_default=True, help="GaLore: which side(s) to project.")
+@click.option("--svd", type=click.Choice(["full", "randomized"]), default="full", show_default=True,
+              help="GaLore: full SVD or torch.svd_lowrank at each refresh.")
+@click.option("--kappa", type=int, default=1000, show_default=True, help="Flora: steps between projection resamples.")
+@click.option("--beta1", type=float, default=0.9, show_default=True, help="Flora: momentum (0 = none).")
+@click.option("--schedule", type=click.Choice(["constant", "relora"]), default="constant", show_default=True)
+@click.option("--restart-every", type=int, default=1000, show_default=True, help="ReLoRA: steps between restarts.")
+@click.option("--prune", type=float, default=0.99, show_default=True, help="ReLoRA: optimizer-state fraction zeroed.")
+@click.option("--prune-mode", type=click.Choice(["magnitude", "random", "reset"]), default="magnitude",
+              show_default=True)
+@click.option("--restart-warmup", type=int, default=50, show_default=True, help="ReLoRA: re-warmup steps.")
+@click.option("--warmup", type=int, default=100, show_default=True, help="ReLoRA: first warmup steps.")
+@click.option("--min-lr-ratio", type=float, default=0.1, show_default=True, help="ReLoRA: cosine floor.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda:0, ...")
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 def train_cmd(run_dir: str, data: str, epochs: int, steps: int | None, batch_size: int, lr: float, weight_decay: float,
-              max_grad_norm: float | None, max_length: int, seed: int, device: str, no_progress: bool,
-              as_json: bool) -> None:
+              max_grad_norm: float | None, max_length: int, accumulation: int, bf16: bool, optimizer: str,
+              optim_rank: int, update_gap: int, scale: float, proj_type: str, svd: str, kappa: int, beta1: float,
+              schedule: str, restart_every: int, prune: float, prune_mode: str, restart_warmup: int, warmup: int,
+              min_lr_ratio: float, seed: int, device: str, no_progress: bool, as_json: bool) -> None:
     """Train RUN_DIR's adapter on --data; saves the adapter and appends metrics.jsonl."""
     from lrsurgery.memory import format_bytes
+    from lrsurgery.optim import OptimConfig
     from lrsurgery.run import train_run
     from lrsurgery.train.loop import TrainConfig
-    config = TrainConfig(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                         max_grad_norm=max_grad_norm, seed=seed, device=device,
-                         progress=not no_progress and not as_json)
+    from lrsurgery.train.relora import ReLoRAConfig
+    optim = OptimConfig(name=optimizer, rank=optim_rank, update_gap=update_gap, scale=scale, proj_type=proj_type,
+                        svd=svd, kappa=kappa, beta1=beta1, seed=seed)
+    relora = ReLoRAConfig(restart_every=restart_every, prune=prune, prune_mode=prune_mode,
+                          restart_warmup=restart_warmup, warmup=warmup, min_lr_ratio=min_lr_ratio) \
+        if schedule == "relora" else None
+    config = TrainConfig(epochs=epochs, steps=steps, batch_size=batch_size, accumulation=accumulation, lr=lr,
+                         weight_decay=weight_decay, max_grad_norm=max_grad_norm, optim=optim, relora=relora,
+                         bf16=bf16, seed=seed, device=device, progress=not no_progress and not as_json)
     result = train_run(run_dir, data, config, max_length=max_length)
     if as_json:
         return print_json(result.as_dict())

@@ -101,9 +101,10 @@ def train_run(run_dir: str | os.PathLike, data: str, config: TrainConfig, *, max
     result = train(run.model, bundle, config, log=jsonl_logger(run.path / METRICS))
     steps = sum(s["steps"] for s in run.recipe["sessions"]) + result.steps
     save_adapter(run.model.cpu(), run.path / ADAPTER, force=True, provenance={
-        "method": run.recipe["inject"]["method"], "optimizer": "adamw", "steps": steps, "data": data,
+        "method": run.recipe["inject"]["method"], "optimizer": config.optim.name, "steps": steps, "data": data,
+        "schedule": "relora" if config.relora else "constant",
         "eval": result.eval})
-    run.recipe["sessions"].append({"data": data, "config": vars(config), "steps": result.steps,
+    run.recipe["sessions"].append({"data": data, "config": config.as_dict(), "steps": result.steps,
                                    "eval": result.eval, "seconds": round(result.seconds, 3)})
     write_recipe(run.path, run.recipe)
     return result

@@ -84,6 +84,11 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, in_f, device=w.device, dtype=adapter_dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_f, rank, device=w.device, dtype=adapter_dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # ReLoRA restarts fold ΔW into W; the folded factors are kept (tiny) so that the total change
+        # W − W0 stays an exact low-rank adapter on the original base, whose record is kept too.
+        self.register_buffer("folded_A", None, persistent=False)
+        self.register_buffer("folded_B", None, persistent=False)
+        self.base_weight_record: dict | None = None
         self.reset_lora()
 
     def reset_lora(self) -> None:
@@ -141,6 +146,30 @@ class LoRALinear(nn.Module):
         if delta.shape != w.shape:
             raise ShapeMismatchError(f"ΔW has shape {list(delta.shape)} but the weight has {list(w.shape)}")
         w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+
+    @torch.no_grad()
+    def fold(self, a: torch.Tensor | None = None, b: torch.Tensor | None = None) -> None:
+        """W ← W + B A with the given factors (default: the current s·B, A), remembered as folded.
+
+        Without arguments this is a ReLoRA restart: fold the current adapter, then A ← kaiming, B ← 0.
+        """
+        restart = a is None
+        if restart:
+            a, b = self.lora_A.detach().float(), self.lora_B.detach().float() * self.scaling
+        a, b = a.to(self.weight.device, torch.float32), b.to(self.weight.device, torch.float32)
+        delta = b @ a
+        self._add_to_weight(delta.T if self.fan_in_fan_out else delta)
+        self.folded_A = a if self.folded_A is None else torch.cat([self.folded_A, a])
+        self.folded_B = b if self.folded_B is None else torch.cat([self.folded_B, b], dim=1)
+        if restart:
+            self.reset_lora()
+
+    def total_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) with B A = W − W0: folded factors and the current s·B A, concatenated along the rank."""
+        a, b = self.lora_A.detach(), self.lora_B.detach() * self.scaling
+        if self.folded_A is None:
+            return a, b
+        return (torch.cat([self.folded_A.to(a.dtype), a]), torch.cat([self.folded_B.to(b.dtype), b], dim=1))
 
     def eject(self) -> nn.Module:
         """The wrapped module, with this layer's (possibly merged) weight and bias."""

@@ -20,8 +20,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from lrsurgery.errors import TrainingError
-from lrsurgery.memory import MemoryReport, measure_step
+from lrsurgery.memory import MemoryReport, measure_step, optimizer_state_bytes
+from lrsurgery.optim import OptimConfig, build_optimizer
 from lrsurgery.train.data import DataBundle, collate
+from lrsurgery.train.relora import ReLoRAConfig, ReLoRASchedule
 
 
 @dataclass
@@ -29,15 +31,24 @@ class TrainConfig:
     """Hyperparameters of one training session."""
 
     epochs: int | None = 1          # ignored when steps is set
-    steps: int | None = None
-    batch_size: int = 32
+    steps: int | None = None        # optimizer steps
+    batch_size: int = 32            # examples per optimizer step (split into `accumulation` micro-batches)
+    accumulation: int = 1           # micro-batches per optimizer step
     lr: float = 1e-3
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    relora: ReLoRAConfig | None = None   # the ReLoRA schedule (merge-and-restart, jagged cosine)
+    bf16: bool = False              # bf16 autocast for the forward pass
     seed: int = 0
     device: str = "auto"            # "auto" = CUDA when present, else CPU
     eval_batch_size: int = 256
     progress: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["relora"] = self.relora.as_dict() if self.relora else None
+        return d
 
 
 @dataclass
@@ -102,26 +113,31 @@ def evaluate(model: nn.Module, dataset: Dataset, task: str, device: torch.device
 
 
 def train(model: nn.Module, data: DataBundle, config: TrainConfig,
-          log: Callable[[dict[str, Any]], None] | None = None,
-          make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None) -> TrainResult:
+          log: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train the model's trainable parameters on ``data``; return losses, eval metrics and memory."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("the model has no trainable parameters: inject an adapter or pass --train")
+    if config.accumulation < 1 or config.batch_size % config.accumulation:
+        raise TrainingError(f"--batch-size {config.batch_size} must be a multiple of --accumulation {config.accumulation}")
     device = select_device(config.device)
     torch.manual_seed(config.seed)
     model.to(device).train()
-    optimizer = make_optimizer(params) if make_optimizer else \
-        torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, collate_fn=collate,
-                        drop_last=len(data.train) > config.batch_size,
+    optimizer = build_optimizer(model, config.optim, config.lr, config.weight_decay)
+    micro = config.batch_size // config.accumulation
+    loader = DataLoader(data.train, batch_size=micro, shuffle=True, collate_fn=collate,
+                        drop_last=len(data.train) >= config.batch_size,
                         generator=torch.Generator().manual_seed(config.seed))
-    if len(loader) == 0:
-        raise TrainingError("the training set is empty")
-    total = config.steps if config.steps else len(loader) * (config.epochs or 1)
+    steps_per_epoch = len(loader) // config.accumulation
+    if steps_per_epoch == 0:
+        raise TrainingError(f"the training set ({len(data.train)} examples) is smaller than one batch of "
+                            f"{config.batch_size}; lower --batch-size")
+    total = config.steps if config.steps else steps_per_epoch * (config.epochs or 1)
+    schedule = ReLoRASchedule(model, optimizer, config.relora, total, config.seed) if config.relora else None
     log = log or (lambda record: None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
     history: list[dict[str, Any]] = []
-    memory, step, running, start = None, 0, 0.0, time.perf_counter()
+    memory, step, micro_step, running, window, start = None, 0, 0, 0.0, 0.0, time.perf_counter()
     bar = tqdm(total=total, disable=not config.progress, desc="train", unit="step", leave=False)
     epoch = 0
     while step < total:
@@ -129,41 +145,48 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig,
             holder: dict[str, torch.Tensor] = {}
 
             def forward() -> torch.Tensor:
-                holder["loss"] = compute_loss(model, batch, data.task, device)[0]
-                return holder["loss"]
+                with autocast:
+                    holder["loss"] = compute_loss(model, batch, data.task, device)[0]
+                return holder["loss"] / config.accumulation
 
             if memory is None:  # measure the first step: it allocates everything later steps reuse
                 memory = measure_step(model, forward, optimizer=None)
             else:
                 forward().backward()
-            loss = holder["loss"]
-            if not torch.isfinite(loss.detach()):
-                raise TrainingError(f"loss became {float(loss.detach())} at step {step + 1}; lower --lr and retrain")
+            loss_value = float(holder["loss"].detach())
+            if not math.isfinite(loss_value):
+                raise TrainingError(f"loss became {loss_value} at step {step + 1}; lower --lr and retrain")
+            window += loss_value / config.accumulation  # mean loss over the step's micro-batches
+            micro_step += 1
+            if micro_step % config.accumulation:
+                continue
             if config.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            loss_value = float(loss.detach())
-            running += loss_value
-            record = {"step": step, "epoch": epoch + 1, "loss": loss_value}
+            running += window
+            record = {"step": step, "epoch": epoch + 1, "loss": window, "lr": optimizer.param_groups[0]["lr"]}
+            window = 0.0
+            if schedule is not None:
+                event = schedule.after_step(step)
+                if event:
+                    record.update(event)
             log(record)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}")
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
             if step >= total:
                 break
         epoch += 1
-        if step % len(loader) == 0 or step >= total:
-            metrics = evaluate(model, data.eval, data.task, device, config.eval_batch_size)
-            record = {"step": step, "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()}}
-            history.append(record)
-            log(record)
+        metrics = evaluate(model, data.eval, data.task, device, config.eval_batch_size)
+        record = {"step": step, "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()}}
+        history.append(record)
+        log(record)
     bar.close()
     if memory is not None:
-        from lrsurgery.memory import optimizer_state_bytes
         memory.optimizer_state = optimizer_state_bytes(optimizer)
     final = history[-1] if history else {}
-    return TrainResult(steps=step, epochs=step / len(loader), seconds=time.perf_counter() - start,
+    return TrainResult(steps=step, epochs=step / steps_per_epoch, seconds=time.perf_counter() - start,
                        train_loss=running / max(step, 1),
                        eval={k[5:]: v for k, v in final.items() if k.startswith("eval_")},
                        memory=memory, history=history)
