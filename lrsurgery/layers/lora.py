@@ -155,7 +155,8 @@ class LoRALinear(nn.Module):
         """
         restart = a is None
         if restart:
-            a, b = self.lora_A.detach().float(), self.lora_B.detach().float() * self.scaling
+            a = self.lora_A.detach().float().clone()  # a copy: reset_lora() overwrites A in place
+            b = self.lora_B.detach().float() * self.scaling
         a, b = a.to(self.weight.device, torch.float32), b.to(self.weight.device, torch.float32)
         delta = b @ a
         self._add_to_weight(delta.T if self.fan_in_fan_out else delta)
