@@ -69,6 +69,7 @@ def load_model(ref: str, *, weights: str | os.PathLike | None = None, init: str 
 
     ``num_classes`` replaces the classification head (re-initialized, seeded by ``seed``).
     """
+    ref = os.fspath(ref)
     if init not in ("pretrained", "random"):
         raise LrsurgeryError(f"init must be 'pretrained' or 'random', got {init!r}")
     with torch.random.fork_rng(devices=[]):
@@ -123,7 +124,7 @@ def _load_timm(ref: str, name: str | None, weights, init: str, num_classes: int 
     if weights is not None:
         state = read_state_dict(weights)
         info.source, info.weights, info.weights_sha256 = "file", str(Path(weights).resolve()), file_sha256(weights)
-    elif local_dir is not None:
+    elif local_dir is not None and init == "pretrained":
         state, info.source = read_state_dict(_weights_file(local_dir)), "local-dir"
     elif init == "pretrained":
         state, info.source, info.revision = _timm_hub_cache(model, name)
@@ -163,7 +164,8 @@ def _hub_dir(spec: str) -> tuple[Path, str | None, str]:
     except Exception as cache_miss:
         if hub_offline():
             raise ModelNotFoundError(f"hf:{spec} is not in the local hub cache and HF_HUB_OFFLINE is set. "
-                                     f"Fix: unset HF_HUB_OFFLINE to download it, or run `hf download {repo}` "
+                                     f"Fix: unset HF_HUB_OFFLINE to download it, or run "
+                                     f"`hf download {repo}{' --revision ' + revision if revision else ''}` "
                                      f"where there is network ({type(cache_miss).__name__})")
         try:
             path = snapshot_download(repo, revision=revision, allow_patterns=_HUB_FILES)
@@ -191,7 +193,7 @@ def _load_transformers(ref: str, where: tuple[Path, str | None, str], num_classe
         auto = auto or transformers.AutoModel
     if init == "random":
         info.source = "random-init"
-        return auto.from_config(config), info
+        return (auto.from_config(config) if hasattr(auto, "from_config") else auto(config)), info
     try:
         model = auto.from_pretrained(path, config=config)
     except OSError as e:
@@ -265,6 +267,9 @@ def save_model(model: nn.Module, out: str | os.PathLike, *, force: bool = False)
     out = Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
+    if any(hasattr(m, "lora_A") for m in model.modules()):
+        raise LrsurgeryError("the model still has adapter layers: merge them (lrsurgery.merge) or save the adapter "
+                             "with save_adapter; save_model writes plain models only")
     info = base_info(model)
     library = info.library if info else ("transformers" if hasattr(model, "save_pretrained") else "timm")
     if out.suffix == ".safetensors":

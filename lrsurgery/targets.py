@@ -26,9 +26,11 @@ PRESETS: dict[str, list[str]] = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "bert": ["query", "key", "value", "dense"],
+    # transformers' ViT in v5 (v4 named them like BERT: query/key/value/dense)
+    "hf-vit": ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"],
 }
 _MODEL_TYPE_FAMILY = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
-                      "gemma": "llama", "bert": "bert", "roberta": "bert", "distilbert": "bert", "vit": "vit"}
+                      "gemma": "llama", "bert": "bert", "roberta": "bert", "distilbert": "bert", "vit": "hf-vit"}
 
 TargetSpec = Union[str, Sequence[str], None]
 
@@ -49,12 +51,14 @@ class TargetReport:
 
 
 def family(model: nn.Module) -> str | None:
-    """The model family whose preset applies: vit, gpt2, llama, bert — or None."""
+    """The model family whose preset applies: vit (timm), hf-vit, gpt2, llama, bert — or None."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
+    names = {n for n, _ in model.named_modules()}
+    if model_type == "vit" and not any(n.endswith(".q_proj") for n in names):
+        return "bert"  # transformers < 5 names ViT's layers like BERT's
     if model_type in _MODEL_TYPE_FAMILY:
         return _MODEL_TYPE_FAMILY[model_type]
-    names = {n for n, _ in model.named_modules()}
     if any(n.endswith("attn.qkv") for n in names) and any(n.endswith("mlp.fc1") for n in names):
         return "vit"
     return None
@@ -120,15 +124,18 @@ def resolve_targets(model: nn.Module, targets: TargetSpec = None, exclude: Itera
     heads = head_names(model)
     exclude = set(exclude)
     spec = _expand(model, targets)
+
+    def excluded(n: str) -> bool:  # a module trained in full, or inside one
+        return any(n == e or n.startswith(e + ".") or e == "" for e in exclude)
     if spec == "all-linear":
-        matched = [n for n, m in modules.items() if n and is_linear(m) and n not in heads and n not in exclude]
+        matched = [n for n, m in modules.items() if n and is_linear(m) and n not in heads and not excluded(n)]
         report = TargetReport(spec="all-linear", matched=matched, per_entry={"all-linear": len(matched)},
                               excluded=sorted(heads & set(modules)))
     else:
         hits, per_entry = match_modules(model, spec)
         report = TargetReport(spec=spec, per_entry=per_entry)
         for n in hits:
-            if n in exclude:
+            if excluded(n):
                 report.excluded.append(n)
             elif is_linear(modules[n]):
                 report.matched.append(n)
@@ -190,4 +197,5 @@ def resolve_train(model: nn.Module, patterns: TargetSpec) -> list[str]:
 
 
 def _is_regex(s: str) -> bool:
-    return any(c in s for c in "*+?[]()|^$\\") and "," not in s
+    """A value with regex characters is a regex (a plain comma-separated value is a list)."""
+    return any(c in s for c in "*+?[]()|^${}\\")

@@ -53,8 +53,8 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _compact(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A contiguous copy of ``x`` in ``dtype`` that owns its storage."""
-    return x.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+    """A copy of ``x`` in ``dtype`` that owns compact storage (strides in x's order, as LAPACK laid them out)."""
+    return x.to(dtype=dtype, copy=True)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from lrsurgery.errors import TrainingError
@@ -97,7 +97,8 @@ def evaluate(model: nn.Module, dataset: Dataset, task: str, device: torch.device
     was_training = model.training
     model.eval()
     total_loss, n, correct = 0.0, 0, 0
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
+    for i in range(0, len(dataset), batch_size):  # plain batching: no DataLoader draws from the global RNG
+        batch = collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
         loss, hits = compute_loss(model, batch, task, device)
         size = len(batch[1]) if task != "causal-lm" else batch["input_ids"].shape[0]
         total_loss += float(loss) * size
@@ -112,9 +113,34 @@ def evaluate(model: nn.Module, dataset: Dataset, task: str, device: torch.device
     return result
 
 
+@dataclass
+class Position:
+    """Where training is: enough, with the RNG states, to resume bit for bit."""
+
+    step: int = 0            # optimizer steps done
+    micro_step: int = 0      # micro-batches done
+    epoch: int = 0           # epochs completed
+    batch: int = 0           # micro-batches done in the current epoch
+    running: float = 0.0     # sum of step losses
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def epoch_batches(n: int, micro: int, seed: int, epoch: int, drop_last: bool) -> list[list[int]]:
+    """The shuffled micro-batches of one epoch, a pure function of (seed, epoch): resumable anywhere."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    batches = [order[i:i + micro] for i in range(0, n, micro)]
+    return [b for b in batches if len(b) == micro] if drop_last else batches
+
+
 def train(model: nn.Module, data: DataBundle, config: TrainConfig,
-          log: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
-    """Train the model's trainable parameters on ``data``; return losses, eval metrics and memory."""
+          log: Callable[[dict[str, Any]], None] | None = None, checkpoint_dir: Path | None = None,
+          checkpoint_every: int | None = None, resume: bool = False) -> TrainResult:
+    """Train the model's trainable parameters on ``data``; return losses, eval metrics and memory.
+
+    With ``checkpoint_every`` a checkpoint is written to ``checkpoint_dir`` every N optimizer steps;
+    ``resume`` continues from it and reaches the same weights as an uninterrupted run.
+    """
+    from lrsurgery.train import checkpoint as ckpt
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("the model has no trainable parameters: inject an adapter or pass --train")
@@ -125,23 +151,31 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig,
     model.to(device).train()
     optimizer = build_optimizer(model, config.optim, config.lr, config.weight_decay)
     micro = config.batch_size // config.accumulation
-    loader = DataLoader(data.train, batch_size=micro, shuffle=True, collate_fn=collate,
-                        drop_last=len(data.train) >= config.batch_size,
-                        generator=torch.Generator().manual_seed(config.seed))
-    steps_per_epoch = len(loader) // config.accumulation
+    n_train = len(data.train)
+    drop_last = n_train >= config.batch_size
+    steps_per_epoch = len(epoch_batches(n_train, micro, 0, 0, drop_last)) // config.accumulation
     if steps_per_epoch == 0:
-        raise TrainingError(f"the training set ({len(data.train)} examples) is smaller than one batch of "
+        raise TrainingError(f"the training set ({n_train} examples) is smaller than one batch of "
                             f"{config.batch_size}; lower --batch-size")
     total = config.steps if config.steps else steps_per_epoch * (config.epochs or 1)
     schedule = ReLoRASchedule(model, optimizer, config.relora, total, config.seed) if config.relora else None
+    pos = Position()
+    if resume:
+        state = ckpt.load(checkpoint_dir, model)
+        optimizer.load_state_dict(state["optimizer"])
+        if schedule is not None:
+            schedule.load_state_dict(state["schedule"])
+        pos = Position(**state["position"])
+        ckpt.set_rng_state(state["rng"])
     log = log or (lambda record: None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
-    history: list[dict[str, Any]] = []
-    memory, step, micro_step, running, window, start = None, 0, 0, 0.0, 0.0, time.perf_counter()
-    bar = tqdm(total=total, disable=not config.progress, desc="train", unit="step", leave=False)
-    epoch = 0
-    while step < total:
-        for batch in loader:
+    memory, window, start = None, 0.0, time.perf_counter()
+    bar = tqdm(total=total, initial=pos.step, disable=not config.progress, desc="train", unit="step", leave=False)
+    while pos.step < total:
+        batches = epoch_batches(n_train, micro, config.seed, pos.epoch, drop_last)
+        while pos.batch < len(batches) and pos.step < total:
+            batch = collate([data.train[i] for i in batches[pos.batch]])
+            pos.batch += 1
             holder: dict[str, torch.Tensor] = {}
 
             def forward() -> torch.Tensor:
@@ -155,41 +189,50 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig,
                 forward().backward()
             loss_value = float(holder["loss"].detach())
             if not math.isfinite(loss_value):
-                raise TrainingError(f"loss became {loss_value} at step {step + 1}; lower --lr and retrain")
+                raise TrainingError(f"loss became {loss_value} at step {pos.step + 1}; lower --lr and retrain")
             window += loss_value / config.accumulation  # mean loss over the step's micro-batches
-            micro_step += 1
-            if micro_step % config.accumulation:
+            pos.micro_step += 1
+            if pos.micro_step % config.accumulation:
                 continue
             if config.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            running += window
-            record = {"step": step, "epoch": epoch + 1, "loss": window, "lr": optimizer.param_groups[0]["lr"]}
+            pos.step += 1
+            pos.running += window
+            record = {"step": pos.step, "epoch": pos.epoch + 1, "loss": window, "lr": optimizer.param_groups[0]["lr"]}
             window = 0.0
             if schedule is not None:
-                event = schedule.after_step(step)
-                if event:
-                    record.update(event)
+                record.update(schedule.after_step(pos.step) or {})
             log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if step >= total:
-                break
-        epoch += 1
-        metrics = evaluate(model, data.eval, data.task, device, config.eval_batch_size)
-        record = {"step": step, "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()}}
-        history.append(record)
-        log(record)
+            if pos.batch == len(batches) or pos.step == total:
+                _end_epoch(model, data, config, device, pos, log)
+            if checkpoint_every and pos.step % checkpoint_every == 0 and pos.step < total:
+                ckpt.save(checkpoint_dir, model, {
+                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict() if schedule else None,
+                    "position": asdict(pos), "rng": ckpt.rng_state(), "config": config.as_dict()},
+                    ckpt.base_records(model))
+        if pos.batch == len(batches):
+            pos.epoch, pos.batch = pos.epoch + 1, 0
     bar.close()
     if memory is not None:
         memory.optimizer_state = optimizer_state_bytes(optimizer)
-    final = history[-1] if history else {}
-    return TrainResult(steps=step, epochs=step / steps_per_epoch, seconds=time.perf_counter() - start,
-                       train_loss=running / max(step, 1),
+    final = pos.history[-1] if pos.history else {}
+    return TrainResult(steps=pos.step, epochs=pos.step / steps_per_epoch, seconds=time.perf_counter() - start,
+                       train_loss=pos.running / max(pos.step, 1),
                        eval={k[5:]: v for k, v in final.items() if k.startswith("eval_")},
-                       memory=memory, history=history)
+                       memory=memory, history=pos.history)
+
+
+def _end_epoch(model: nn.Module, data: DataBundle, config: TrainConfig, device: torch.device, pos: Position,
+               log: Callable[[dict[str, Any]], None]) -> None:
+    """Evaluate at the end of an epoch (or of training) and record it."""
+    metrics = evaluate(model, data.eval, data.task, device, config.eval_batch_size)
+    record = {"step": pos.step, "epoch": pos.epoch + 1, **{f"eval_{k}": v for k, v in metrics.items()}}
+    pos.history.append(record)
+    log(record)
 
 
 def jsonl_logger(path: Path) -> Callable[[dict[str, Any]], None]:
