@@ -154,6 +154,8 @@ def inject(model: str, weights: str | None, init: str, num_classes: int | None, 
 @click.option("--restart-warmup", type=int, default=50, show_default=True, help="ReLoRA: re-warmup steps.")
 @click.option("--warmup", type=int, default=100, show_default=True, help="ReLoRA: first warmup steps.")
 @click.option("--min-lr-ratio", type=float, default=0.1, show_default=True, help="ReLoRA: cosine floor.")
+@click.option("--checkpoint-every", type=int, help="Write RUN_DIR/checkpoint every N steps (for --resume).")
+@click.option("--resume", is_flag=True, help="Continue a killed run from its checkpoint, with its original settings.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda:0, ...")
 @click.option("--no-progress", is_flag=True)
@@ -162,7 +164,8 @@ def train_cmd(run_dir: str, data: str, epochs: int, steps: int | None, batch_siz
               max_grad_norm: float | None, max_length: int, accumulation: int, bf16: bool, optimizer: str,
               optim_rank: int, update_gap: int, scale: float, proj_type: str, svd: str, kappa: int, beta1: float,
               schedule: str, restart_every: int, prune: float, prune_mode: str, restart_warmup: int, warmup: int,
-              min_lr_ratio: float, seed: int, device: str, no_progress: bool, as_json: bool) -> None:
+              min_lr_ratio: float, checkpoint_every: int | None, resume: bool, seed: int, device: str,
+              no_progress: bool, as_json: bool) -> None:
     """Train RUN_DIR's adapter on --data; saves the adapter and appends metrics.jsonl."""
     from lrsurgery.memory import format_bytes
     from lrsurgery.optim import OptimConfig
@@ -177,7 +180,8 @@ def train_cmd(run_dir: str, data: str, epochs: int, steps: int | None, batch_siz
     config = TrainConfig(epochs=epochs, steps=steps, batch_size=batch_size, accumulation=accumulation, lr=lr,
                          weight_decay=weight_decay, max_grad_norm=max_grad_norm, optim=optim, relora=relora,
                          bf16=bf16, seed=seed, device=device, progress=not no_progress and not as_json)
-    result = train_run(run_dir, data, config, max_length=max_length)
+    result = train_run(run_dir, data, config, max_length=max_length, checkpoint_every=checkpoint_every,
+                       resume=resume)
     if as_json:
         return print_json(result.as_dict())
     mem = result.memory

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from lrsurgery.targets import TargetSpec, head_names
 from lrsurgery.train.data import build_data
 from lrsurgery.train.loop import TrainConfig, TrainResult, jsonl_logger, train
 
-RECIPE, ADAPTER, METRICS = "recipe.json", "adapter.safetensors", "metrics.jsonl"
+RECIPE, ADAPTER, METRICS, CHECKPOINT = "recipe.json", "adapter.safetensors", "metrics.jsonl", "checkpoint"
 
 
 @dataclass
@@ -85,9 +86,17 @@ def open_run(run_dir: str | os.PathLike) -> Run:
     return Run(run_dir, recipe, model)
 
 
-def train_run(run_dir: str | os.PathLike, data: str, config: TrainConfig, *, max_length: int = 128) -> TrainResult:
-    """Train a run on a data spec, then save its adapter and record the session in the recipe."""
+def train_run(run_dir: str | os.PathLike, data: str, config: TrainConfig, *, max_length: int = 128,
+              checkpoint_every: int | None = None, resume: bool = False) -> TrainResult:
+    """Train a run on a data spec, then save its adapter and record the session in the recipe.
+
+    ``checkpoint_every`` writes RUN_DIR/checkpoint every N steps; ``resume`` continues a killed
+    session from it with the configuration it was started with, to bit-identical weights.
+    """
     run = open_run(run_dir)
+    ckpt_dir = run.path / CHECKPOINT
+    if resume:
+        config, checkpoint_every = _resume_config(ckpt_dir, config)
     tokenizer = None
     if data.startswith("text:"):
         tokenizer = load_tokenizer(run.model)
@@ -98,7 +107,8 @@ def train_run(run_dir: str | os.PathLike, data: str, config: TrainConfig, *, max
     if bundle.num_classes and head and bundle.num_classes != head:
         raise LrsurgeryError(f"the data has {bundle.num_classes} classes but the model's head has {head}; "
                              f"inject with --num-classes {bundle.num_classes}")
-    result = train(run.model, bundle, config, log=jsonl_logger(run.path / METRICS))
+    result = train(run.model, bundle, config, log=jsonl_logger(run.path / METRICS), checkpoint_dir=ckpt_dir,
+                   checkpoint_every=checkpoint_every, resume=resume)
     steps = sum(s["steps"] for s in run.recipe["sessions"]) + result.steps
     save_adapter(run.model.cpu(), run.path / ADAPTER, force=True, provenance={
         "method": run.recipe["inject"]["method"], "optimizer": config.optim.name, "steps": steps, "data": data,
@@ -107,8 +117,29 @@ def train_run(run_dir: str | os.PathLike, data: str, config: TrainConfig, *, max
     run.recipe["sessions"].append({"data": data, "config": config.as_dict(), "steps": result.steps,
                                    "eval": result.eval, "seconds": round(result.seconds, 3)})
     write_recipe(run.path, run.recipe)
+    if ckpt_dir.exists():  # the session is complete: its adapter supersedes the checkpoint
+        shutil.rmtree(ckpt_dir)
     return result
 
+
+def _resume_config(ckpt_dir: Path, given: TrainConfig) -> tuple[TrainConfig, int | None]:
+    """The killed session's config (device and progress may change) and its checkpoint interval."""
+    import torch as _torch
+    from lrsurgery.train.checkpoint import TRAINER
+    if not (ckpt_dir / TRAINER).is_file():
+        raise LrsurgeryError(f"nothing to resume: {ckpt_dir} has no checkpoint (train with --checkpoint-every N)")
+    state = _torch.load(ckpt_dir / TRAINER, map_location="cpu", weights_only=True)
+    config = TrainConfig.from_dict(state["config"])
+    config.device, config.progress = given.device, given.progress
+    _truncate_metrics(ckpt_dir.parent / METRICS, state["position"]["step"])
+    return config, state.get("checkpoint_every")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the metrics a killed session logged after its last checkpoint."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if json.loads(ln).get("step", 0) <= step]
+        atomic_write(path, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in lines)))
 
 def load_tokenizer(model: nn.Module):
     """The tokenizer saved beside the base model (transformers directories and hub snapshots)."""

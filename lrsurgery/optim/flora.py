@@ -137,7 +137,7 @@ class Flora(torch.optim.Optimizer):
         lr: learning rate; must be None with ``relative_step=True`` (then ``min(1e-2, 1/√t)``).
         rank: projection rank r of the momentum; None or 0 keeps it full.
         kappa: steps between projection resamples (the momentum is carried across).
-        eps: (added to G², floor of RMS(W) in the parameter scale).
+        eps: (eps1 added to G², eps2 the floor of RMS(W) in the parameter scale).
         clip_threshold: the update is divided by max(1, RMS(update)/clip_threshold).
         decay_rate: β2_t = 1 − t^decay_rate.
         beta1: momentum; 0 or None gives plain Adafactor (the reference's default).
@@ -253,28 +253,22 @@ class Flora(torch.optim.Optimizer):
         return random_projection(shape, rank, lseed if shape[0] < shape[1] else rseed, like.device, like.dtype)
 
 
-def _check_group(group: dict[str, Any]) -> None:
-    def bad(what: str) -> TrainingError:
-        return TrainingError(f"Flora: {what}")
-
-    if group["relative_step"] and group["lr"] is not None:
-        raise bad("relative_step=True computes the learning rate itself; pass lr=None")
-    if not group["relative_step"] and (group["lr"] is None or group["lr"] < 0):
-        raise bad(f"lr must be a number ≥ 0 (got {group['lr']!r}), or pass relative_step=True")
-    if group["rank"] is not None and (not isinstance(group["rank"], int) or group["rank"] < 0):
-        raise bad(f"rank must be a positive int or None (got {group['rank']!r})")
-    if not isinstance(group["kappa"], int) or group["kappa"] < 1:
-        raise bad(f"kappa (steps between resamples) must be an int ≥ 1 (got {group['kappa']!r})")
-    if not 0.0 <= group["beta1"] < 1.0:
-        raise bad(f"beta1 must be in [0, 1) (got {group['beta1']!r}); use 0 or None for no momentum")
-    if len(group["eps"]) != 2 or min(group["eps"]) < 0:
-        raise bad(f"eps must be two numbers ≥ 0 (got {group['eps']!r})")
-    if group["clip_threshold"] <= 0:
-        raise bad(f"clip_threshold must be > 0 (got {group['clip_threshold']!r})")
-    if group["decay_rate"] >= 0:
-        raise bad(f"decay_rate must be < 0 so that β2_t = 1 − t^decay_rate grows to 1 (got {group['decay_rate']!r})")
-    if group["weight_decay"] < 0:
-        raise bad(f"weight_decay must be ≥ 0 (got {group['weight_decay']!r})")
+def _check_group(g: dict[str, Any]) -> None:
+    lr, rank, kappa = g["lr"], g["rank"], g["kappa"]
+    problems = [
+        (g["relative_step"] and lr is not None, "relative_step=True computes the learning rate; pass lr=None"),
+        (not g["relative_step"] and (lr is None or lr < 0), f"lr must be a number ≥ 0 (got {lr!r})"),
+        (rank is not None and (not isinstance(rank, int) or rank < 0), f"rank must be int ≥ 0 or None (got {rank!r})"),
+        (not isinstance(kappa, int) or kappa < 1, f"kappa (steps between resamples) must be int ≥ 1 (got {kappa!r})"),
+        (not 0.0 <= g["beta1"] < 1.0, f"beta1 must be in [0, 1) (got {g['beta1']!r}); 0 or None: no momentum"),
+        (len(g["eps"]) != 2 or min(g["eps"]) < 0, f"eps must be two numbers ≥ 0 (got {g['eps']!r})"),
+        (g["clip_threshold"] <= 0, f"clip_threshold must be > 0 (got {g['clip_threshold']!r})"),
+        (g["decay_rate"] >= 0, f"decay_rate must be < 0 so that β2_t → 1 (got {g['decay_rate']!r})"),
+        (g["weight_decay"] < 0, f"weight_decay must be ≥ 0 (got {g['weight_decay']!r})"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise TrainingError(f"Flora: {message}")
 
 
 # ---------------------------------------------------------------- compressed gradient accumulation

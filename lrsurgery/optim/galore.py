@@ -29,7 +29,8 @@ Where this module differs from the reference, on purpose:
     (the reference's reverse_std breaks on a wide matrix with r ≥ m);
   - the basis is a compact copy (a slice view would keep all of U or Vᴴ alive);
   - optimizer state holds only tensors and ints, so checkpoints load with ``weights_only=True``;
-  - ``svd="randomized"`` refreshes with ``torch.svd_lowrank`` (q = r + oversample, 2 power iterations);
+  - ``svd="randomized"`` refreshes with ``torch.svd_lowrank`` (q = r + oversample, 2 power iterations),
+    signs fixed so that the largest entry of each right singular vector is positive;
   - GaLoreAdafactor's ``relative_step`` defaults to ``lr is None`` (the reference raises if lr is given);
   - LayerwiseOptimizer steps once per gradient-accumulation window, not once per micro-batch.
 """
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -94,7 +95,10 @@ class Projector:
     def _singular_vectors(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.svd == "randomized":
             u, _, v = torch.svd_lowrank(a, q=min(self.rank + self.oversample, *a.shape), niter=2)
-            return u, v.mT
+            # Fix each pair's sign (largest |v| entry positive) so the basis depends on G, not on the
+            # random test matrix: the moments persist across refreshes, a flipped vector reverses them.
+            sign = torch.sign(v.gather(0, v.abs().argmax(dim=0, keepdim=True)))
+            return u * sign, (v * sign).mT
         u, _, vh = torch.linalg.svd(a, full_matrices=False)
         return u, vh
 
@@ -104,9 +108,8 @@ class Projector:
             self.refresh(grad)
         if self.side == "right":
             return torch.matmul(grad, self.right.t())
-        if self.side == "left":
-            return torch.matmul(self.left.t(), grad)
-        return torch.matmul(self.left.t(), grad) @ self.right.t()
+        low = torch.matmul(self.left.t(), grad)
+        return low if self.side == "left" else low @ self.right.t()
 
     def project_back(self, low: torch.Tensor) -> torch.Tensor:
         """scale · the full-shape matrix whose projection is ``low``, on the side stored at refresh."""
@@ -119,10 +122,6 @@ class Projector:
         else:
             raise LrsurgeryError("Projector.project_back called before project: there is no basis yet")
         return full * self.scale
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.left, self.right) if t is not None)
 
 
 def galore_state_bytes(shape: tuple[int, int], rank: int, proj_type: str = "std", state_bytes: int = 4,
@@ -154,14 +153,23 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
             _check_galore_group(param_group)
         super().add_param_group(param_group)
 
+    def _with_grads(self) -> Iterator[tuple[dict[str, Any], torch.Tensor, dict[str, Any]]]:
+        """(group, parameter, state) for every parameter that has a gradient."""
+        for group in self.param_groups:
+            for p in (p for p in group["params"] if p.grad is not None):
+                if p.grad.is_sparse:
+                    raise LrsurgeryError(f"{type(self).__name__} does not support sparse gradients")
+                self.state[p].setdefault("step", 0)
+                yield group, p, self.state[p]
+
     @staticmethod
     def _projector(group: dict[str, Any], state: dict[str, Any]) -> Projector | None:
         """The group's Projector over the basis in ``state`` (None for a plain group)."""
         if "rank" not in group:
             return None
         left, right = state.get("proj_left"), state.get("proj_right")
-        side = None if left is None and right is None else "full" if left is not None and right is not None \
-            else "left" if left is not None else "right"
+        side = {(False, False): None, (True, False): "left", (False, True): "right", (True, True): "full"}[
+            (left is not None, right is not None)]
         return Projector(group["rank"], group["proj_type"], group["update_proj_gap"], group["scale"], group["svd"],
                          group["oversample"], left=left, right=right, side=side)
 
@@ -172,19 +180,25 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
             return grad
         low = proj.project(grad, state["step"])
         for key, basis in (("proj_left", proj.left), ("proj_right", proj.right)):
-            if basis is None:
-                state.pop(key, None)
-            else:
-                state[key] = basis
+            state.pop(key, None) if basis is None else state.__setitem__(key, basis)
         return low
 
 
+def _evaluate(closure: Callable[[], Any] | None) -> Any:
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def _check_int(value: Any, what: str, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise LrsurgeryError(f"{what} must be an int ≥ {minimum}, got {value!r}")
+
+
 def _check_galore_group(group: dict[str, Any]) -> None:
-    rank, gap = group["rank"], group["update_proj_gap"]
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise LrsurgeryError(f"GaLore group: rank must be a positive int, got {rank!r}")
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
-        raise LrsurgeryError(f"GaLore group: update_proj_gap must be a positive int, got {gap!r}")
+    for key in ("rank", "update_proj_gap", "oversample"):
+        _check_int(group[key], f"GaLore group: {key}", minimum=int(key != "oversample"))
     if group["proj_type"] not in PROJ_TYPES:
         raise LrsurgeryError(f"GaLore group: unknown proj_type {group['proj_type']!r}; "
                              f"choose one of {', '.join(PROJ_TYPES)}")
@@ -221,39 +235,28 @@ class GaLoreAdamW(_GaLoreOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
+        loss = _evaluate(closure)
+        for group, p, state in self._with_grads():
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise LrsurgeryError("GaLoreAdamW does not support sparse gradients")
-                state = self.state[p]
-                state.setdefault("step", 0)
-                grad = self._project(proj := self._projector(group, state), p.grad, state)
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(grad)
-                    state["exp_avg_sq"] = torch.zeros_like(grad)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                state["step"] += 1
-                t = state["step"]
+            grad = self._project(proj := self._projector(group, state), p.grad, state)
+            if "exp_avg" not in state:
+                state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(grad), torch.zeros_like(grad)
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            state["step"] += 1
+            t = state["step"]
 
-                exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                denom = exp_avg_sq.sqrt().add_(group["eps"])
-                step_size = group["lr"]
-                if group["correct_bias"]:
-                    step_size = step_size * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
-                update = exp_avg / denom
-                if proj is not None:
-                    update = proj.project_back(update)
-                p.add_(update, alpha=-step_size)
-                if group["weight_decay"] > 0.0:
-                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+            exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+            denom = exp_avg_sq.sqrt().add_(group["eps"])
+            step_size = group["lr"]
+            if group["correct_bias"]:
+                step_size = step_size * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+            update = exp_avg / denom
+            if proj is not None:
+                update = proj.project_back(update)
+            p.add_(update, alpha=-step_size)
+            if group["weight_decay"] > 0.0:
+                p.add_(p, alpha=-group["lr"] * group["weight_decay"])
         return loss
 
 
@@ -293,56 +296,46 @@ class GaLoreAdafactor(_GaLoreOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise LrsurgeryError("GaLoreAdafactor does not support sparse gradients")
-                grad = p.grad.float() if p.grad.dtype in _LOW_PRECISION else p.grad
-                state = self.state[p]
-                state.setdefault("step", 0)
-                grad = self._project(proj := self._projector(group, state), grad, state)
-                factored = grad.dim() >= 2
-                if "exp_avg_sq_row" not in state and "exp_avg_sq" not in state:
-                    if group["beta1"] is not None:
-                        state["exp_avg"] = torch.zeros_like(grad)
-                    if factored:
-                        state["exp_avg_sq_row"] = grad.new_zeros(grad.shape[:-1])
-                        state["exp_avg_sq_col"] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
-                    else:
-                        state["exp_avg_sq"] = torch.zeros_like(grad)
-                w = p.float() if p.dtype in _LOW_PRECISION else p
-                state["step"] += 1
-                lr = self._step_size(group, state["step"], self._rms(w))
-
-                beta2t = 1.0 - math.pow(state["step"], group["decay_rate"])
-                update = grad**2 + group["eps"][0]
+        loss = _evaluate(closure)
+        for group, p, state in self._with_grads():
+            grad = p.grad.float() if p.grad.dtype in _LOW_PRECISION else p.grad
+            grad = self._project(proj := self._projector(group, state), grad, state)
+            factored = grad.dim() >= 2
+            if "exp_avg_sq_row" not in state and "exp_avg_sq" not in state:
+            if group["beta1"] is not None:
+                    state["exp_avg"] = torch.zeros_like(grad)
                 if factored:
-                    row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-                    row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
-                    col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
-                    r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
-                    update = torch.mul(r_factor, col.unsqueeze(-2).rsqrt()).mul_(grad)
+                    state["exp_avg_sq_row"] = grad.new_zeros(grad.shape[:-1])
+                    state["exp_avg_sq_col"] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
                 else:
-                    state["exp_avg_sq"].mul_(beta2t).add_(update, alpha=1.0 - beta2t)
-                    update = state["exp_avg_sq"].rsqrt().mul_(grad)
-                update.div_((self._rms(update) / group["clip_threshold"]).clamp_(min=1.0))
-                update.mul_(lr)
-                if group["beta1"] is not None:
-                    state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
-                    update = state["exp_avg"]
-                if proj is not None:
-                    update = proj.project_back(update)
-                if group["weight_decay"] != 0:
-                    w.add_(w, alpha=-group["weight_decay"] * lr)
-                w.add_(-update)
-                if w is not p:
-                    p.copy_(w)
+                    state["exp_avg_sq"] = torch.zeros_like(grad)
+            w = p.float() if p.dtype in _LOW_PRECISION else p
+            state["step"] += 1
+            lr = self._step_size(group, state["step"], self._rms(w))
+
+            beta2t = 1.0 - math.pow(state["step"], group["decay_rate"])
+            update = grad**2 + group["eps"][0]
+            if factored:
+                row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+                row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
+                col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
+                r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+                update = torch.mul(r_factor, col.unsqueeze(-2).rsqrt()).mul_(grad)
+            else:
+                state["exp_avg_sq"].mul_(beta2t).add_(update, alpha=1.0 - beta2t)
+                update = state["exp_avg_sq"].rsqrt().mul_(grad)
+            update.div_((self._rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+            update.mul_(lr)
+            if group["beta1"] is not None:
+                state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
+                update = state["exp_avg"]
+            if proj is not None:
+                update = proj.project_back(update)
+            if group["weight_decay"] != 0:
+                w.add_(w, alpha=-group["weight_decay"] * lr)
+            w.add_(-update)
+            if w is not p:
+                p.copy_(w)
         return loss
 
 
@@ -374,9 +367,7 @@ class LayerwiseOptimizer:
             raise LrsurgeryError("LayerwiseOptimizer: no trainable parameters were given")
         if len({id(p) for p in self.params}) != len(self.params):
             raise LrsurgeryError("LayerwiseOptimizer: a parameter was given twice (tied weights?); pass it once")
-        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
-            raise LrsurgeryError(f"LayerwiseOptimizer: accumulation_steps must be a positive int, "
-                                 f"got {accumulation_steps!r}")
+        _check_int(accumulation_steps, "LayerwiseOptimizer: accumulation_steps")
         self.accumulation_steps = accumulation_steps
         self.optimizers = [make([p]) for p in self.params]
         self.micro_steps = 0   # backward passes completed
@@ -414,11 +405,6 @@ class LayerwiseOptimizer:
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
-
-    def zero_grad(self) -> None:
-        """Drop any partially accumulated gradients (e.g. after an aborted window)."""
-        for p in self.params:
-            p.grad = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"accumulation_steps": self.accumulation_steps, "micro_steps": self.micro_steps, "steps": self.steps,

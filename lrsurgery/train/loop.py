@@ -50,6 +50,14 @@ class TrainConfig:
         d["relora"] = self.relora.as_dict() if self.relora else None
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """Inverse of ``as_dict`` (how a resumed run gets back its exact configuration)."""
+        d = dict(d)
+        d["optim"] = OptimConfig(**d["optim"])
+        d["relora"] = ReLoRAConfig(**d["relora"]) if d.get("relora") else None
+        return cls(**d)
+
 
 @dataclass
 class TrainResult:
@@ -212,7 +220,8 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig,
             if checkpoint_every and pos.step % checkpoint_every == 0 and pos.step < total:
                 ckpt.save(checkpoint_dir, model, {
                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict() if schedule else None,
-                    "position": asdict(pos), "rng": ckpt.rng_state(), "config": config.as_dict()},
+                    "position": asdict(pos), "rng": ckpt.rng_state(), "config": config.as_dict(),
+                    "checkpoint_every": checkpoint_every},
                     ckpt.base_records(model))
         if pos.batch == len(batches):
             pos.epoch, pos.batch = pos.epoch + 1, 0

@@ -1,0 +1,94 @@
+"""A killed run resumed from its checkpoint reaches bit-identical weights to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import lrsurgery
+import lrsurgery.run as run_module
+from lrsurgery.errors import LrsurgeryError
+from lrsurgery.optim import OptimConfig
+from lrsurgery.run import create_run, train_run
+from lrsurgery.train.loop import TrainConfig
+from lrsurgery.train.relora import ReLoRAConfig
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, in_chans=1,
+                              embed_dim=32, depth=2, num_heads=2, num_classes=5)
+    path = tmp_path_factory.mktemp("resume") / "vit"
+    lrsurgery.save_model(model, path)
+    return path
+
+
+def configs() -> dict[str, TrainConfig]:
+    common = dict(steps=10, batch_size=16, accumulation=2, lr=3e-3, max_grad_norm=1.0, progress=False, seed=3)
+    return {
+        "adamw": TrainConfig(**common),
+        "relora": TrainConfig(**common, relora=ReLoRAConfig(restart_every=4, restart_warmup=1, warmup=2, prune=0.9)),
+    }
+
+
+def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    return lrsurgery.load_adapter(run_dir / "adapter.safetensors").tensors
+
+
+@pytest.mark.parametrize("name", ["adamw", "relora"])
+def test_kill_and_resume_is_bit_identical(base_dir, tmp_path, monkeypatch, name):
+    config = configs()[name]
+    for d in ("straight", "killed"):
+        create_run(str(base_dir), tmp_path / d, rank=2, alpha=4, targets="preset", train="head", seed=1)
+    train_run(tmp_path / "straight", "digits:5-9", config)
+
+    real_logger = run_module.jsonl_logger
+
+    def killing_logger(path):
+        log = real_logger(path)
+
+        def wrapped(record):
+            log(record)
+            if record.get("step") == 8 and "loss" in record:
+                raise Killed  # the process dies after step 8; the last checkpoint is step 6
+        return wrapped
+
+    monkeypatch.setattr(run_module, "jsonl_logger", killing_logger)
+    with pytest.raises(Killed):
+        train_run(tmp_path / "killed", "digits:5-9", config, checkpoint_every=3)
+    monkeypatch.setattr(run_module, "jsonl_logger", real_logger)
+    assert (tmp_path / "killed" / "checkpoint" / "trainer.pt").is_file()
+    # resume ignores the settings given now and continues with the killed session's own
+    train_run(tmp_path / "killed", "digits:5-9", TrainConfig(progress=False), resume=True)
+
+    a, b = adapter_tensors(tmp_path / "straight"), adapter_tensors(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(ln)]
+    assert steps == list(range(1, 11))  # the steps logged after the checkpoint were replaced, not duplicated
+    assert not (tmp_path / "killed" / "checkpoint").exists()  # a finished session removes its checkpoint
+    if name == "relora":
+        assert lrsurgery.load_adapter(tmp_path / "killed" / "adapter.safetensors").modules["blocks.0.attn.qkv"][
+            "folded_rank"] == 4  # two restarts of rank 2
+
+
+def test_resume_without_checkpoint_is_an_error(base_dir, tmp_path):
+    create_run(str(base_dir), tmp_path / "run", rank=2, targets="preset", train="head")
+    with pytest.raises(LrsurgeryError, match="nothing to resume"):
+        train_run(tmp_path / "run", "digits:5-9", TrainConfig(progress=False), resume=True)
+
+
+def test_config_round_trips_through_a_dict():
+    config = TrainConfig(steps=5, optim=OptimConfig(name="galore", rank=4), relora=ReLoRAConfig(restart_every=10, restart_warmup=2))
+    assert TrainConfig.from_dict(config.as_dict()) == config
