@@ -264,6 +264,16 @@ def show(adapter: str, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", type=click.Path(dir_okay=False), help="PNG to write (default: RUN_DIR/curves.png).")
+@click.option("--force", is_flag=True, help="Overwrite --out.")
+def plot(run_dir: str, out: str | None, force: bool) -> None:
+    """Plot RUN_DIR's loss, learning-rate and evaluation curves to a PNG."""
+    from lrsurgery.train.plot import plot_run
+    click.echo(f"wrote {plot_run(run_dir, out, force=force or out is None)}")
+
+
+@main.command()
 @click.option("-o", "--out", type=click.Path(file_okay=False), help="Output directory (default: a new temp dir).")
 @click.option("--ranks", default="1,2,4,8,16", show_default=True, help="LoRA ranks to compare.")
 @click.option("--epochs", type=int, default=12, show_default=True, help="Epochs on the new domain.")

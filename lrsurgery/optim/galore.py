@@ -16,23 +16,19 @@ of the gradient G, whose basis an SVD refreshes every T = update_proj_gap steps:
         W ← W − lr · √(1 − β2ᵗ) / (1 − β1ᵗ) · back(M / (√V + ε))
         W ← W − lr · wd · W               (decoupled decay, after the update)
     Adafactor, HF style, runs on R; back(·) applies to its final update (after the β1 EMA).
-
-The moments are neither reset nor rotated at a refresh: the old basis' M, V carry over.
+    The moments are neither reset nor rotated at a refresh: the old basis' M, V carry over.
 
 Reference defaults (galore-torch 1.0): AdamW betas (0.9, 0.999), eps 1e-6 (the paper says 1e-8),
 weight_decay 0, correct_bias True; group keys update_proj_gap 200, scale α 1.0, proj_type std.
 Adafactor: lr None, eps (1e-30, 1e-3), clip_threshold 1.0, decay_rate -0.8, beta1 None,
 weight_decay 0, scale_parameter True, relative_step True, warmup_init False.
 
-Where this module differs from the reference, on purpose:
-  - project_back takes the side from the basis stored at refresh, never from the low-rank shape
-    (the reference's reverse_std breaks on a wide matrix with r ≥ m);
-  - the basis is a compact copy (a slice view would keep all of U or Vᴴ alive);
-  - optimizer state holds only tensors and ints, so checkpoints load with ``weights_only=True``;
-  - ``svd="randomized"`` refreshes with ``torch.svd_lowrank`` (q = r + oversample, 2 power iterations),
-    signs fixed so that the largest entry of each right singular vector is positive;
-  - GaLoreAdafactor's ``relative_step`` defaults to ``lr is None`` (the reference raises if lr is given);
-  - LayerwiseOptimizer steps once per gradient-accumulation window, not once per micro-batch.
+Deliberate differences: project_back takes the side from the basis stored at refresh, not from the
+low-rank shape (the reference's reverse_std breaks on a wide matrix with r ≥ m); the basis is a
+compact copy (a slice view keeps all of U or Vᴴ alive); state holds only tensors and ints (loads with
+``weights_only=True``); ``svd="randomized"`` uses ``torch.svd_lowrank`` (q = r + oversample, niter 2)
+with signs fixed (largest entry of each right vector positive); GaLoreAdafactor's ``relative_step``
+defaults to ``lr is None``; LayerwiseOptimizer steps once per accumulation window, not per micro-batch.
 """
 
 from __future__ import annotations
@@ -53,17 +49,12 @@ GALORE_GROUP_DEFAULTS: dict[str, Any] = {"update_proj_gap": 200, "scale": 1.0, "
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _compact(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A copy of ``x`` in ``dtype`` that owns compact storage (strides in x's order, as LAPACK laid them out)."""
-    return x.to(dtype=dtype, copy=True)
-
-
 @dataclass
 class Projector:
     """The GaLore basis of one matrix: ``project`` G to the rank-r space, ``project_back`` an update.
 
-    ``side`` ('left', 'right' or 'full') is chosen at each refresh from ``proj_type`` and G's shape,
-    and ``left`` (P, m×r) / ``right`` (Q, r×n) hold the basis for that side.
+    Each refresh picks the side from ``proj_type`` and G's shape and stores ``left`` (P, m×r) and/or
+    ``right`` (Q, r×n); ``side`` and hence ``project_back`` follow from which basis is stored.
     """
 
     rank: int
@@ -74,23 +65,27 @@ class Projector:
     oversample: int = 8
     left: torch.Tensor | None = field(default=None, repr=False)
     right: torch.Tensor | None = field(default=None, repr=False)
-    side: str | None = None
+
+    @property
+    def side(self) -> str | None:
+        """'left', 'right' or 'full': the side of the basis stored at the last refresh (None before one)."""
+        if self.left is None:
+            return None if self.right is None else "right"
+        return "left" if self.right is None else "full"
 
     def side_for(self, shape: tuple[int, ...]) -> str:
         """The side ``proj_type`` projects a matrix of this shape from."""
-        m, n = shape
-        if self.proj_type == "std":
-            return "right" if m >= n else "left"
-        if self.proj_type == "reverse_std":
-            return "left" if m >= n else "right"
+        if self.proj_type in ("std", "reverse_std"):
+            return "right" if (shape[0] >= shape[1]) == (self.proj_type == "std") else "left"
         return self.proj_type
 
     def refresh(self, grad: torch.Tensor) -> None:
         """Recompute the basis from the top-r singular vectors of float32(grad)."""
-        self.side = self.side_for(tuple(grad.shape))
+        side = self.side_for(tuple(grad.shape))
         u, vh = self._singular_vectors(grad.float())
-        self.left = _compact(u[:, : self.rank], grad.dtype) if self.side in ("left", "full") else None
-        self.right = _compact(vh[: self.rank], grad.dtype) if self.side in ("right", "full") else None
+        # copies own compact storage (a slice would keep all of U/Vᴴ) in LAPACK's stride order, as the reference
+        self.left = u[:, : self.rank].to(grad.dtype, copy=True) if side in ("left", "full") else None
+        self.right = vh[: self.rank].to(grad.dtype, copy=True) if side in ("right", "full") else None
 
     def _singular_vectors(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.svd == "randomized":
@@ -106,22 +101,15 @@ class Projector:
         """R: ``grad`` in the rank-r space; refreshes first if ``step % update_proj_gap == 0``."""
         if self.side is None or step % self.update_proj_gap == 0:
             self.refresh(grad)
-        if self.side == "right":
-            return torch.matmul(grad, self.right.t())
-        low = torch.matmul(self.left.t(), grad)
-        return low if self.side == "left" else low @ self.right.t()
+        low = torch.matmul(self.left.t(), grad) if self.left is not None else grad
+        return torch.matmul(low, self.right.t()) if self.right is not None else low
 
     def project_back(self, low: torch.Tensor) -> torch.Tensor:
         """scale · the full-shape matrix whose projection is ``low``, on the side stored at refresh."""
-        if self.side == "right":
-            full = torch.matmul(low, self.right)
-        elif self.side == "left":
-            full = torch.matmul(self.left, low)
-        elif self.side == "full":
-            full = torch.matmul(self.left, low) @ self.right
-        else:
+        if self.side is None:
             raise LrsurgeryError("Projector.project_back called before project: there is no basis yet")
-        return full * self.scale
+        full = torch.matmul(self.left, low) if self.left is not None else low
+        return (torch.matmul(full, self.right) if self.right is not None else full) * self.scale
 
 
 def galore_state_bytes(shape: tuple[int, int], rank: int, proj_type: str = "std", state_bytes: int = 4,
@@ -167,11 +155,8 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         """The group's Projector over the basis in ``state`` (None for a plain group)."""
         if "rank" not in group:
             return None
-        left, right = state.get("proj_left"), state.get("proj_right")
-        side = {(False, False): None, (True, False): "left", (False, True): "right", (True, True): "full"}[
-            (left is not None, right is not None)]
         return Projector(group["rank"], group["proj_type"], group["update_proj_gap"], group["scale"], group["svd"],
-                         group["oversample"], left=left, right=right, side=side)
+                         group["oversample"], left=state.get("proj_left"), right=state.get("proj_right"))
 
     @staticmethod
     def _project(proj: Projector | None, grad: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
@@ -180,7 +165,8 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
             return grad
         low = proj.project(grad, state["step"])
         for key, basis in (("proj_left", proj.left), ("proj_right", proj.right)):
-            state.pop(key, None) if basis is None else state.__setitem__(key, basis)
+            if basis is not None:
+                state[key] = basis
         return low
 
 
@@ -199,37 +185,29 @@ def _check_int(value: Any, what: str, minimum: int = 1) -> None:
 def _check_galore_group(group: dict[str, Any]) -> None:
     for key in ("rank", "update_proj_gap", "oversample"):
         _check_int(group[key], f"GaLore group: {key}", minimum=int(key != "oversample"))
-    if group["proj_type"] not in PROJ_TYPES:
-        raise LrsurgeryError(f"GaLore group: unknown proj_type {group['proj_type']!r}; "
-                             f"choose one of {', '.join(PROJ_TYPES)}")
-    if group["svd"] not in SVD_KINDS:
-        raise LrsurgeryError(f"GaLore group: unknown svd {group['svd']!r}; choose one of {', '.join(SVD_KINDS)}")
+    for key, allowed in (("proj_type", PROJ_TYPES), ("svd", SVD_KINDS)):
+        if group[key] not in allowed:
+            raise LrsurgeryError(f"GaLore group: unknown {key} {group[key]!r}; choose one of {', '.join(allowed)}")
     for i, p in enumerate(group["params"]):
         if p.dim() != 2:
-            raise LrsurgeryError(f"GaLore group: parameter {i} has shape {tuple(p.shape)}, but GaLore projects "
-                                 "2-D matrices only; put biases, norms and other non-2-D tensors in a plain "
-                                 "group (one without 'rank')")
+            raise LrsurgeryError(f"GaLore group: parameter {i} has shape {tuple(p.shape)}, but GaLore projects 2-D "
+                                 "matrices only; put biases, norms etc. in a plain group (one without 'rank')")
 
 
 class GaLoreAdamW(_GaLoreOptimizer):
-    """HF-style AdamW whose groups with a ``rank`` key keep their moments in the GaLore subspace.
+    """HF-style AdamW (eps 1e-6, decay after the update); groups with ``rank`` keep moments in the GaLore space.
 
-    Args:
-        params: parameters or groups. A group with ``rank`` is a GaLore group (2-D parameters only;
-            optional keys ``update_proj_gap`` 200, ``scale`` 1.0, ``proj_type`` 'std', ``svd`` 'full');
-            other groups are plain AdamW with the same math.
-        lr, betas, eps, weight_decay, correct_bias: as transformers' AdamW (eps 1e-6, decay after the update).
-
-    Raises:
-        LrsurgeryError: bad hyperparameters, or a non-2-D parameter in a GaLore group.
+    A GaLore group holds 2-D parameters only (full weights or LoRA factors) and has optional keys
+    ``update_proj_gap`` 200, ``scale`` 1.0, ``proj_type`` 'std', ``svd`` 'full', ``oversample`` 8;
+    other groups are plain AdamW with the same math. Raises LrsurgeryError on bad hyperparameters
+    or a non-2-D parameter in a GaLore group.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True):
-        if lr < 0.0 or eps < 0.0 or weight_decay < 0.0:
-            raise LrsurgeryError(f"GaLoreAdamW: lr, eps and weight_decay must be ≥ 0 (got {lr}, {eps}, {weight_decay})")
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise LrsurgeryError(f"GaLoreAdamW: betas must be in [0, 1), got {betas}")
+        if min(lr, eps, weight_decay) < 0.0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise LrsurgeryError(f"GaLoreAdamW: need lr, eps, weight_decay ≥ 0 and betas in [0, 1); got lr={lr}, "
+                                 f"eps={eps}, weight_decay={weight_decay}, betas={betas}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
                                   "correct_bias": correct_bias})
 
@@ -273,12 +251,9 @@ class GaLoreAdafactor(_GaLoreOptimizer):
                  weight_decay: float = 0.0, scale_parameter: bool = True, relative_step: bool | None = None,
                  warmup_init: bool = False):
         relative_step = lr is None if relative_step is None else relative_step
-        if lr is not None and relative_step:
-            raise LrsurgeryError("GaLoreAdafactor: a manual lr cannot be combined with relative_step=True")
-        if lr is None and not relative_step:
-            raise LrsurgeryError("GaLoreAdafactor: give lr, or use relative_step=True")
-        if warmup_init and not relative_step:
-            raise LrsurgeryError("GaLoreAdafactor: warmup_init=True requires relative_step=True")
+        if (lr is None) != relative_step or (warmup_init and not relative_step):
+            raise LrsurgeryError(f"GaLoreAdafactor: give lr (relative_step=False) or relative_step=True (lr=None, "
+                                 f"warmup_init allowed); got lr={lr}, relative_step={relative_step}")
         super().__init__(params, {"lr": lr, "eps": eps, "clip_threshold": clip_threshold, "decay_rate": decay_rate,
                                   "beta1": beta1, "weight_decay": weight_decay, "scale_parameter": scale_parameter,
                                   "relative_step": relative_step, "warmup_init": warmup_init})
@@ -302,9 +277,9 @@ class GaLoreAdafactor(_GaLoreOptimizer):
             grad = self._project(proj := self._projector(group, state), grad, state)
             factored = grad.dim() >= 2
             if "exp_avg_sq_row" not in state and "exp_avg_sq" not in state:
-            if group["beta1"] is not None:
+                if group["beta1"] is not None:
                     state["exp_avg"] = torch.zeros_like(grad)
-                if factored:
+                if factored:  # row/column EMAs of G² (r×… of R for a GaLore matrix)
                     state["exp_avg_sq_row"] = grad.new_zeros(grad.shape[:-1])
                     state["exp_avg_sq_col"] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
                 else:
@@ -349,15 +324,11 @@ class LayerwiseOptimizer:
     summed gradient. The count advances by itself at the end of each backward (an autograd-engine
     callback, as DDP uses); parameters a window's last backward did not reach are stepped then.
 
-    Schedulers: call ``set_lr`` once per logical step (after ``steps`` grows), not per micro-batch.
-
-    Example::
+    Schedulers: call ``set_lr`` once per logical step (after ``steps`` grows), not per micro-batch. Example::
 
         lw = LayerwiseOptimizer(model.parameters(), lambda ps: GaLoreAdamW(ps, lr=1e-3), accumulation_steps=4)
         for i, batch in enumerate(micro_batches):
-            loss_fn(model, batch).backward()        # steps and frees grads on every 4th backward
-            if (i + 1) % 4 == 0:
-                lw.set_lr(schedule(lw.steps))
+            loss_fn(model, batch).backward()        # every 4th backward steps and frees the grads
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], make: Callable[[list[torch.nn.Parameter]], Any],
@@ -411,12 +382,10 @@ class LayerwiseOptimizer:
                 "optimizers": [opt.state_dict() for opt in self.optimizers]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["optimizers"]) != len(self.optimizers):
-            raise LrsurgeryError(f"LayerwiseOptimizer: the state has {len(state['optimizers'])} per-parameter "
-                                 f"optimizers, this one has {len(self.optimizers)}; build it over the same parameters")
-        if state["accumulation_steps"] != self.accumulation_steps:
-            raise LrsurgeryError(f"LayerwiseOptimizer: the state was saved with accumulation_steps="
-                                 f"{state['accumulation_steps']}, this one has {self.accumulation_steps}")
+        saved = (len(state["optimizers"]), state["accumulation_steps"])
+        if saved != (len(self.optimizers), self.accumulation_steps):
+            raise LrsurgeryError(f"LayerwiseOptimizer: the state has (parameters, accumulation_steps) = {saved}, this "
+                                 f"one {(len(self.optimizers), self.accumulation_steps)}; build it the same way")
         for opt, sd in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(sd)
         self.micro_steps, self.steps = state["micro_steps"], state["steps"]

@@ -87,27 +87,40 @@ def merge_and_reinit(model: nn.Module) -> int:
 @torch.no_grad()
 def prune_state(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], ratio: float, mode: str,
                 generator: torch.Generator | None = None) -> float:
-    """Zero a fraction of every floating state tensor of ``params``; returns the fraction zeroed."""
+    """Zero a fraction ``ratio`` of the optimizer state of ``params``; returns the fraction zeroed.
+
+    One mask per parameter (and state shape) is applied to all its moments, chosen from the first
+    moment ``exp_avg`` when present. The reference prunes each moment on its own, which can keep a
+    momentum entry whose second moment was zeroed: Adam then divides it by ε alone and diverges.
+    """
     zeroed = total = 0
     for p in params:
-        for key, t in optimizer.state.get(p, {}).items():
-            if not torch.is_tensor(t) or not t.is_floating_point() or t.dim() == 0 or key == "step":
-                continue
-            n = t.numel()
-            if mode == "reset" or ratio >= 1.0:
-                mask = torch.ones_like(t, dtype=torch.bool)
-            elif mode == "random":
-                mask = torch.rand(t.shape, generator=generator, device="cpu").to(t.device) < ratio
-            else:  # magnitude: exactly the k = round(ratio·n) smallest |x| (ties broken by position)
-                k = int(round(ratio * n))
-                mask = torch.zeros(n, dtype=torch.bool, device=t.device)
-                if k:
-                    mask[torch.argsort(t.abs().flatten(), stable=True)[:k]] = True
-                mask = mask.view(t.shape)
-            t.masked_fill_(mask, 0.0)
-            zeroed += int(mask.sum())
-            total += n
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        state = optimizer.state.get(p, {})
+        for key in sorted(state, key=lambda k: k != "exp_avg"):  # exp_avg first: it decides the mask
+            t = state[key]
+            if torch.is_tensor(t) and t.is_floating_point() and t.dim() > 0 and key != "step":
+                groups.setdefault(tuple(t.shape), []).append(t)
+        for tensors in groups.values():
+            mask = _prune_mask(tensors[0], ratio, mode, generator)
+            for t in tensors:
+                t.masked_fill_(mask, 0.0)
+                zeroed += int(mask.sum())
+                total += t.numel()
     return zeroed / total if total else 0.0
+
+
+def _prune_mask(t: torch.Tensor, ratio: float, mode: str, generator: torch.Generator | None) -> torch.Tensor:
+    """Which entries to zero: all (reset), a random fraction, or exactly round(ratio·n) smallest |x|."""
+    if mode == "reset" or ratio >= 1.0:
+        return torch.ones_like(t, dtype=torch.bool)
+    if mode == "random":
+        return (torch.rand(t.shape, generator=generator) < ratio).to(t.device)
+    k = int(round(ratio * t.numel()))
+    mask = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
+    if k:
+        mask[torch.argsort(t.abs().flatten(), stable=True)[:k]] = True
+    return mask.view(t.shape)
 
 
 class ReLoRASchedule:
