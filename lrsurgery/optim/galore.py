@@ -252,8 +252,8 @@ class GaLoreAdafactor(_GaLoreOptimizer):
                  warmup_init: bool = False):
         relative_step = lr is None if relative_step is None else relative_step
         if (lr is None) != relative_step or (warmup_init and not relative_step):
-            raise LrsurgeryError(f"GaLoreAdafactor: give lr (relative_step=False) or relative_step=True (lr=None, "
-                                 f"warmup_init allowed); got lr={lr}, relative_step={relative_step}")
+            raise LrsurgeryError(f"GaLoreAdafactor: give lr with relative_step=False, or lr=None with relative_step="
+                                 f"True (warmup_init needs it); got lr={lr}, relative_step={relative_step}")
         super().__init__(params, {"lr": lr, "eps": eps, "clip_threshold": clip_threshold, "decay_rate": decay_rate,
                                   "beta1": beta1, "weight_decay": weight_decay, "scale_parameter": scale_parameter,
                                   "relative_step": relative_step, "warmup_init": warmup_init})
@@ -274,6 +274,8 @@ class GaLoreAdafactor(_GaLoreOptimizer):
         loss = _evaluate(closure)
         for group, p, state in self._with_grads():
             grad = p.grad.float() if p.grad.dtype in _LOW_PRECISION else p.grad
+            for key in [k for k, v in state.items() if torch.is_tensor(v) and v.dtype != grad.dtype]:
+                state[key] = state[key].to(grad.dtype)  # load_state_dict casts state to a bf16 param's dtype
             grad = self._project(proj := self._projector(group, state), grad, state)
             factored = grad.dim() >= 2
             if "exp_avg_sq_row" not in state and "exp_avg_sq" not in state:
