@@ -182,6 +182,9 @@ def train_cmd(run_dir: str, data: str, epochs: int, steps: int | None, batch_siz
                          bf16=bf16, seed=seed, device=device, progress=not no_progress and not as_json)
     result = train_run(run_dir, data, config, max_length=max_length, checkpoint_every=checkpoint_every,
                        resume=resume)
+    from lrsurgery.train.distributed import world
+    if not world().main:  # under torchrun, rank 0 reports
+        return
     if as_json:
         return print_json(result.as_dict())
     mem = result.memory

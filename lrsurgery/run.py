@@ -25,6 +25,7 @@ from lrsurgery.models import base_info, input_config, load_model, model_dir
 from lrsurgery.surgery import InjectReport, inject
 from lrsurgery.targets import TargetSpec, head_names
 from lrsurgery.train.data import build_data
+from lrsurgery.train.distributed import world
 from lrsurgery.train.loop import TrainConfig, TrainResult, jsonl_logger, train
 
 RECIPE, ADAPTER, METRICS, CHECKPOINT = "recipe.json", "adapter.safetensors", "metrics.jsonl", "checkpoint"
@@ -109,6 +110,8 @@ def train_run(run_dir: str | os.PathLike, data: str, config: TrainConfig, *, max
                              f"inject with --num-classes {bundle.num_classes}")
     result = train(run.model, bundle, config, log=jsonl_logger(run.path / METRICS), checkpoint_dir=ckpt_dir,
                    checkpoint_every=checkpoint_every, resume=resume)
+    if not world().main:  # under torchrun only rank 0 writes
+        return result
     steps = sum(s["steps"] for s in run.recipe["sessions"]) + result.steps
     save_adapter(run.model.cpu(), run.path / ADAPTER, force=True, provenance={
         "method": run.recipe["inject"]["method"], "optimizer": config.optim.name, "steps": steps, "data": data,
@@ -124,14 +127,14 @@ def train_run(run_dir: str | os.PathLike, data: str, config: TrainConfig, *, max
 
 def _resume_config(ckpt_dir: Path, given: TrainConfig) -> tuple[TrainConfig, int | None]:
     """The killed session's config (device and progress may change) and its checkpoint interval."""
-    import torch as _torch
     from lrsurgery.train.checkpoint import TRAINER
     if not (ckpt_dir / TRAINER).is_file():
         raise LrsurgeryError(f"nothing to resume: {ckpt_dir} has no checkpoint (train with --checkpoint-every N)")
-    state = _torch.load(ckpt_dir / TRAINER, map_location="cpu", weights_only=True)
+    state = torch.load(ckpt_dir / TRAINER, map_location="cpu", weights_only=True)
     config = TrainConfig.from_dict(state["config"])
     config.device, config.progress = given.device, given.progress
-    _truncate_metrics(ckpt_dir.parent / METRICS, state["position"]["step"])
+    if world().main:
+        _truncate_metrics(ckpt_dir.parent / METRICS, state["position"]["step"])
     return config, state.get("checkpoint_every")
 
 

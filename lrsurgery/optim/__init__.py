@@ -3,6 +3,8 @@
 ``build_optimizer`` decides which parameters the low-rank optimizers compress: trainable 2-D
 weights whose smaller side exceeds the optimizer rank, except embeddings and the output head
 (as GaLore's and Flora's authors do); everything else gets the same optimizer uncompressed.
+``--lr`` is the step size for every optimizer: the Adafactor-based ones (Flora, GaLore-Adafactor)
+are built with ``scale_parameter=False`` instead of scaling the step by each weight's RMS.
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ def build_optimizer(model: nn.Module, config: OptimConfig, lr: float, weight_dec
         groups = [g for g in ({"params": rest}, group) if g["params"]]
         if config.name == "galore":
             return GaLoreAdamW(groups, lr=lr, weight_decay=weight_decay)
-        return GaLoreAdafactor(groups, lr=lr, weight_decay=weight_decay)
+        return GaLoreAdafactor(groups, lr=lr, weight_decay=weight_decay, scale_parameter=False)
     from lrsurgery.optim.flora import Flora
     return Flora([{"params": rest, "rank": None}, {"params": low}] if rest else [{"params": low}],
                  lr=lr, rank=config.rank, kappa=config.kappa, beta1=config.beta1,
-                 weight_decay=weight_decay, seed=config.seed)
+                 weight_decay=weight_decay, seed=config.seed, scale_parameter=False)

@@ -6,6 +6,7 @@ The first step is measured: bytes of parameters, gradients, optimizer state and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -149,12 +150,14 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig,
     ``resume`` continues from it and reaches the same weights as an uninterrupted run.
     """
     from lrsurgery.train import checkpoint as ckpt
+    from lrsurgery.train import distributed
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("the model has no trainable parameters: inject an adapter or pass --train")
     if config.accumulation < 1 or config.batch_size % config.accumulation:
         raise TrainingError(f"--batch-size {config.batch_size} must be a multiple of --accumulation {config.accumulation}")
-    device = select_device(config.device)
+    w = distributed.world()
+    device = distributed.init(w, select_device(config.device))
     torch.manual_seed(config.seed)
     model.to(device).train()
     optimizer = build_optimizer(model, config.optim, config.lr, config.weight_decay)
@@ -175,26 +178,31 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig,
             schedule.load_state_dict(state["schedule"])
         pos = Position(**state["position"])
         ckpt.set_rng_state(state["rng"])
-    log = log or (lambda record: None)
+    log = log if log and w.main else (lambda record: None)
+    ddp = distributed.wrap(model, w, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
     memory, window, start = None, 0.0, time.perf_counter()
-    bar = tqdm(total=total, initial=pos.step, disable=not config.progress, desc="train", unit="step", leave=False)
+    bar = tqdm(total=total, initial=pos.step, disable=not (config.progress and w.main), desc="train", unit="step",
+               leave=False)
     while pos.step < total:
         batches = epoch_batches(n_train, micro, config.seed, pos.epoch, drop_last)
         while pos.batch < len(batches) and pos.step < total:
-            batch = collate([data.train[i] for i in batches[pos.batch]])
+            batch = collate([data.train[i] for i in distributed.shard(batches[pos.batch], w)])
             pos.batch += 1
             holder: dict[str, torch.Tensor] = {}
 
             def forward() -> torch.Tensor:
                 with autocast:
-                    holder["loss"] = compute_loss(model, batch, data.task, device)[0]
+                    holder["loss"] = compute_loss(ddp, batch, data.task, device)[0]
                 return holder["loss"] / config.accumulation
 
-            if memory is None:  # measure the first step: it allocates everything later steps reuse
-                memory = measure_step(model, forward, optimizer=None)
-            else:
-                forward().backward()
+            last_micro = (pos.micro_step + 1) % config.accumulation == 0
+            # DDP: all-reduce gradients only on the step's last micro-batch (sums are the same)
+            with (ddp.no_sync() if ddp is not model and not last_micro else contextlib.nullcontext()):
+                if memory is None:  # measure the first step: it allocates everything later steps reuse
+                    memory = measure_step(model, forward, optimizer=None)
+                else:
+                    forward().backward()
             loss_value = float(holder["loss"].detach())
             if not math.isfinite(loss_value):
                 raise TrainingError(f"loss became {loss_value} at step {pos.step + 1}; lower --lr and retrain")
@@ -207,6 +215,7 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig,
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             pos.step += 1
+            window = distributed.mean(window, w)  # the global batch's loss, as one process would log it
             pos.running += window
             record = {"step": pos.step, "epoch": pos.epoch + 1, "loss": window, "lr": optimizer.param_groups[0]["lr"]}
             window = 0.0
@@ -215,9 +224,9 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig,
             log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if pos.batch == len(batches) or pos.step == total:
+            if (pos.batch == len(batches) or pos.step == total) and w.main:
                 _end_epoch(model, data, config, device, pos, log)
-            if checkpoint_every and pos.step % checkpoint_every == 0 and pos.step < total:
+            if checkpoint_every and pos.step % checkpoint_every == 0 and pos.step < total and w.main:
                 ckpt.save(checkpoint_dir, model, {
                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict() if schedule else None,
                     "position": asdict(pos), "rng": ckpt.rng_state(), "config": config.as_dict(),
