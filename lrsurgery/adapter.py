@@ -29,6 +29,8 @@ def lora_entry(layer: LoRALinear) -> dict[str, Any]:
              "scaling": layer.scaling, "in_features": layer.in_features, "out_features": layer.out_features,
              "fan_in_fan_out": layer.fan_in_fan_out, "dtype": fmt.dtype_name(layer.lora_A.dtype),
              "base_tensors": {"weight": layer.base_weight_record or fmt.tensor_record(layer.weight)}}
+    if layer.lora_bias is not None:
+        entry["bias"] = True
     if layer.folded_A is not None:  # ReLoRA: the total change, scaling folded into B
         folded = layer.folded_A.shape[0]
         entry.update(rank=folded + layer.rank, alpha=float(folded + layer.rank), rslora=False, scaling=1.0,
@@ -37,11 +39,12 @@ def lora_entry(layer: LoRALinear) -> dict[str, Any]:
 
 
 def lora_tensors(name: str, layer: LoRALinear) -> dict[str, torch.Tensor]:
-    """The file tensors of one LoRA module (folded ReLoRA factors first)."""
-    if layer.folded_A is None:
-        return {f"{name}.lora_A": layer.lora_A.detach(), f"{name}.lora_B": layer.lora_B.detach()}
-    a, b = layer.total_factors()
-    return {f"{name}.lora_A": a, f"{name}.lora_B": b}
+    """The file tensors of one LoRA module (folded ReLoRA factors first; Δb when present)."""
+    a, b = layer.total_factors() if layer.folded_A is not None else (layer.lora_A.detach(), layer.lora_B.detach())
+    tensors = {f"{name}.lora_A": a, f"{name}.lora_B": b}
+    if layer.lora_bias is not None:
+        tensors[f"{name}.lora_bias"] = layer.lora_bias.detach()
+    return tensors
 
 
 def adapter_from_model(model: nn.Module, provenance: dict[str, Any] | None = None) -> fmt.Adapter:
@@ -171,6 +174,8 @@ def apply_adapter(model: nn.Module, adapter: fmt.Adapter | str | os.PathLike, *,
                 param = getattr(layer, part)
                 param.copy_(value.to(param.dtype))
                 param.requires_grad_(trainable)
+            if entry.get("bias"):
+                layer.add_bias_delta(adapter.tensors[f"{name}.lora_bias"]).requires_grad_(trainable)
         else:
             full.append(name)
             params = dict(model.get_submodule(name).named_parameters())

@@ -209,17 +209,22 @@ def train_cmd(run_dir: str, data: str, epochs: int, steps: int | None, batch_siz
 @click.option("--json", "as_json", is_flag=True)
 def extract(run_dir: str | None, base: str | None, tuned: str | None, rank: int | None, energy: float | None,
             targets: tuple[str, ...], out: str, force: bool, as_json: bool) -> None:
-    """Write an adapter file: from RUN_DIR, or by SVD of (--tuned − --base)."""
+    """Write an adapter file: from RUN_DIR (by SVD of its change with --rank/--energy), or by SVD of
+    (--tuned − --base)."""
     from lrsurgery.ops.extract import extract_from_run, extract_models
     if run_dir:
         if base or tuned:
             raise click.UsageError("give either RUN_DIR or --base/--tuned, not both")
-        path = extract_from_run(run_dir, out, force=force)
-        summary = adapter_summary(path)
-        return print_json(summary) if as_json else click.echo(f"wrote {path} ({summary['file_bytes']:,} bytes)")
-    if not (base and tuned):
+        path, stats = extract_from_run(run_dir, out, force=force, rank=rank, energy=energy,
+                                       targets=targets_arg(targets))
+        if not stats:
+            summary = adapter_summary(path)
+            return print_json(summary) if as_json else click.echo(f"wrote {path} ({summary['file_bytes']:,} bytes)")
+    elif not (base and tuned):
         raise click.UsageError("SVD extraction needs --base MODEL and --tuned MODEL (or give a RUN_DIR)")
-    path, stats = extract_models(base, tuned, out, targets=targets_arg(targets), rank=rank, energy=energy, force=force)
+    else:
+        path, stats = extract_models(base, tuned, out, targets=targets_arg(targets), rank=rank, energy=energy,
+                                     force=force)
     rows = [{"module": s.name, "rank": s.rank, "full_rank": s.full_rank, "energy": s.energy, "error": s.error}
             for s in stats]
     if as_json:

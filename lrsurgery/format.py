@@ -6,6 +6,7 @@ shapes, finite values). Checks against a model's base weights live in ``lrsurger
 
     __metadata__ = {"format": "lrsurgery.adapter", "format_version": "1", "adapter": "<JSON>"}
     tensors      = {"<module>.lora_A": [r, in], "<module>.lora_B": [out, r],   # kind "lora"
+                    "<module>.lora_bias": [out]                                 # optional Δb
                     "<module>.<param>": full tensor}                          # kind "full"
 """
 
@@ -100,7 +101,10 @@ def expected_tensors(name: str, entry: dict[str, Any]) -> dict[str, tuple[int, .
     kind = entry.get("kind")
     if kind == "lora":
         r, n_in, n_out = entry["rank"], entry["in_features"], entry["out_features"]
-        return {f"{name}.lora_A": (r, n_in), f"{name}.lora_B": (n_out, r)}
+        shapes = {f"{name}.lora_A": (r, n_in), f"{name}.lora_B": (n_out, r)}
+        if entry.get("bias"):  # optional Δb, added to the base bias (PEFT's lora_bias)
+            shapes[f"{name}.lora_bias"] = (n_out,)
+        return shapes
     if kind == "full":
         return {tensor_key(name, p): tuple(rec["shape"]) for p, rec in entry["tensors"].items()}
     raise AdapterFormatError(

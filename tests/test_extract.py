@@ -438,7 +438,7 @@ def test_extract_from_run_copies_the_adapter(tmp_path: Path, vit_base_dir: Path)
     lrsurgery.save_adapter(run.model, run.path / ADAPTER, force=True, provenance={"steps": 3})
 
     out = tmp_path / "copy.safetensors"
-    assert extract_from_run(run.path, out) == out
+    assert extract_from_run(run.path, out) == (out, [])
     src, copy = lrsurgery.load_adapter(run.path / ADAPTER), lrsurgery.load_adapter(out)
     assert set(src.tensors) == set(copy.tensors)
     for k in src.tensors:
@@ -456,3 +456,32 @@ def test_extract_from_run_copies_the_adapter(tmp_path: Path, vit_base_dir: Path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(LrsurgeryError, match="no adapter.safetensors"):
         extract_from_run(tmp_path / "empty", tmp_path / "x.safetensors")
+
+
+def test_full_run_extracts_to_lora_by_svd(tmp_path: Path, vit_base_dir: Path) -> None:
+    """After a full-parameter run, `extract RUN --rank R` gives a LoRA adapter of the change."""
+    from lrsurgery.run import create_run, open_run, train_run
+    from lrsurgery.train.loop import TrainConfig
+    create_run(str(vit_base_dir), tmp_path / "full", method="full")
+    train_run(tmp_path / "full", "digits:5-9", TrainConfig(steps=3, batch_size=16, progress=False))
+    path, stats = extract_from_run(tmp_path / "full", tmp_path / "svd.safetensors", rank=32)
+    adapter = lrsurgery.load_adapter(path)
+    lora = {n: e for n, e in adapter.modules.items() if e["kind"] == "lora"}
+    assert set(lora) == {s.name for s in stats} and all(s.energy == pytest.approx(1.0) for s in stats)
+    # full rank kept (min dim 32): base + adapter reproduces the fully trained model
+    base = lrsurgery.load_model(str(vit_base_dir))
+    lrsurgery.apply_adapter(base, adapter)
+    tuned = open_run(tmp_path / "full").model.eval()
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        assert (base.eval()(x) - tuned(x)).abs().max() <= 1e-4
+    low, _ = extract_from_run(tmp_path / "full", tmp_path / "svd4.safetensors", rank=4)
+    assert all(e["rank"] == 4 for e in lrsurgery.load_adapter(low).modules.values() if e["kind"] == "lora")
+    # the bias changes travel as lora_bias; the state-dict merge gives the in-memory merge's bytes
+    from lrsurgery.ops.merge import merge_state_dict
+    assert any(e.get("bias") for e in lora.values())
+    merged = lrsurgery.merge(base)
+    plain = lrsurgery.load_model(str(vit_base_dir))
+    streamed = merge_state_dict(plain.state_dict(), adapter)
+    for k, v in merged.state_dict().items():
+        assert torch.equal(v, streamed[k]), k

@@ -86,6 +86,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # ReLoRA restarts fold ΔW into W; the folded factors are kept (tiny) so that the total change
         # W − W0 stays an exact low-rank adapter on the original base, whose record is kept too.
+        self.register_parameter("lora_bias", None)  # optional Δb (from extraction or PEFT's lora_bias)
         self.register_buffer("folded_A", None, persistent=False)
         self.register_buffer("folded_B", None, persistent=False)
         self.base_weight_record: dict | None = None
@@ -110,9 +111,19 @@ class LoRALinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """s · B A dropout(x), computed in the adapter dtype."""
+        """s · B A dropout(x) (+ Δb), computed in the adapter dtype."""
         h = self.dropout(x.to(self.lora_A.dtype))
-        return F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
+        out = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
+        return out if self.lora_bias is None else out + self.lora_bias
+
+    def add_bias_delta(self, delta: torch.Tensor | None = None) -> nn.Parameter:
+        """Give the adapter a Δb (zeros by default); merging adds it to the base bias."""
+        if self.bias is None:
+            raise ShapeMismatchError("the base layer has no bias, so the adapter cannot carry a bias change")
+        value = torch.zeros(self.out_features, dtype=self.lora_A.dtype, device=self.lora_A.device) \
+            if delta is None else delta.to(self.lora_A.device, self.lora_A.dtype)
+        self.lora_bias = nn.Parameter(value.clone(), requires_grad=self.lora_A.requires_grad)
+        return self.lora_bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_forward(x)
@@ -131,6 +142,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("adapter already merged")
         self._add_to_weight(self.delta_weight())
+        self._add_to_bias(1.0)
         self.merged = True
 
     @torch.no_grad()
@@ -139,7 +151,13 @@ class LoRALinear(nn.Module):
         if not self.merged:
             raise RuntimeError("adapter is not merged")
         self._add_to_weight(-self.delta_weight())
+        self._add_to_bias(-1.0)
         self.merged = False
+
+    def _add_to_bias(self, sign: float) -> None:
+        if self.lora_bias is not None:
+            b = self.bias
+            b.copy_((b.float() + sign * self.lora_bias.detach().float().to(b.device)).to(b.dtype))
 
     def _add_to_weight(self, delta: torch.Tensor) -> None:
         w = self.weight

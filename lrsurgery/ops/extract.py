@@ -91,6 +91,9 @@ def extract_svd(base: nn.Module, tuned: nn.Module, targets: TargetSpec = None, *
                          "in_features": in_f, "out_features": out_f, "fan_in_fan_out": fifo, "dtype": "float32",
                          "base_tensors": {"weight": fmt.tensor_record(b_mod.weight)}}
         tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = a.contiguous(), bmat.contiguous()
+        if b_mod.bias is not None and not torch.equal(b_mod.bias, t_mod.bias):  # keep a bias change exactly
+            modules[name]["bias"] = True
+            tensors[f"{name}.lora_bias"] = (t_mod.bias.double() - b_mod.bias.double()).float().contiguous()
     if include_changed:
         _add_changed_modules(base, tuned, set(report.matched), modules, tensors)
     info = base_info(base)
@@ -120,13 +123,39 @@ def _add_changed_modules(base: nn.Module, tuned: nn.Module, targets: set[str], m
             tensors.update({fmt.tensor_key(name, p): t.detach().contiguous() for p, t in own.items()})
 
 
-def extract_from_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> Path:
-    """Copy a run's adapter to a standalone file (re-validated, written atomically)."""
-    from lrsurgery.run import ADAPTER
+def extract_from_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
+                     rank: int | None = None, energy: float | None = None,
+                     targets: TargetSpec = None) -> tuple[Path, list[ModuleExtraction]]:
+    """A run's adapter as a standalone file; with ``rank``/``energy``, a LoRA adapter by SVD of its change.
+
+    The SVD path turns a full-parameter run (or a high-rank ReLoRA/LoRA run) into a small LoRA file:
+    the tuned model (base + the run's adapter, merged) minus the base, per target layer.
+    """
+    from lrsurgery.run import ADAPTER, open_run
+    from lrsurgery.surgery import lora_modules, merge
     src = Path(run_dir) / ADAPTER
     if not src.is_file():
         raise LrsurgeryError(f"{run_dir} has no {ADAPTER}; is it a run directory made by `lrsurgery inject`?")
-    return fmt.write(out, fmt.read(src), force=force)
+    if rank is None and energy is None:
+        return fmt.write(out, fmt.read(src), force=force), []
+    if Path(out).exists() and not force:
+        from lrsurgery.errors import OutputExistsError
+        raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
+    choose_rank(torch.ones(1), rank, energy)
+    run = open_run(run_dir)
+    tuned = merge(run.model) if lora_modules(run.model) else run.model
+    load = dict(run.recipe["load"])
+    base = load_model(load.pop("ref"), **load)
+    adapter, stats = extract_svd(base, tuned, targets or _default_targets(base), rank=rank, energy=energy)
+    adapter.meta["provenance"].update({"run": str(Path(run_dir).resolve()),
+                                       "steps": sum(s["steps"] for s in run.recipe["sessions"])})
+    return fmt.write(out, adapter, force=force), stats
+
+
+def _default_targets(model: nn.Module) -> TargetSpec:
+    """The family preset, or every linear layer but the head when the family is unknown."""
+    from lrsurgery.targets import family
+    return "preset" if family(model) else "all-linear"
 
 
 def extract_models(base_ref: str, tuned_ref: str, out: str | os.PathLike, *, targets: TargetSpec = None,

@@ -52,6 +52,11 @@ def merge_state_dict(state: dict[str, torch.Tensor], adapter: fmt.Adapter, *, fo
             if fmt.tensor_sha256(w.to(fmt.dtype_from_name(rec["dtype"]))) != rec["sha256"]:
                 bad.append(key)
             out[key] = (w.float() + delta_weight(adapter, name)).to(w.dtype)
+            if entry.get("bias"):
+                bkey = f"{name}.bias"
+                if bkey not in state:
+                    raise BaseMismatchError(f"the adapter changes {bkey!r}, which the checkpoint does not have")
+                out[bkey] = (state[bkey].float() + adapter.tensors[f"{name}.lora_bias"].float()).to(state[bkey].dtype)
         else:
             for p in entry["tensors"]:
                 key = fmt.tensor_key(name, p)
