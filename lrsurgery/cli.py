@@ -146,6 +146,8 @@ def inject(model: str, weights: str | None, init: str, num_classes: int | None, 
               help="GaLore: full SVD or torch.svd_lowrank at each refresh.")
 @click.option("--kappa", type=int, default=1000, show_default=True, help="Flora: steps between projection resamples.")
 @click.option("--beta1", type=float, default=0.9, show_default=True, help="Flora: momentum (0 = none).")
+@click.option("--layerwise", is_flag=True, help="Per-layer updates: step each parameter in backward, free its grad.")
+@click.option("--accumulation-rank", type=int, help="Flora: keep accumulated gradients compressed at this rank.")
 @click.option("--schedule", type=click.Choice(["constant", "relora"]), default="constant", show_default=True)
 @click.option("--restart-every", type=int, default=1000, show_default=True, help="ReLoRA: steps between restarts.")
 @click.option("--prune", type=float, default=0.99, show_default=True, help="ReLoRA: optimizer-state fraction zeroed.")
@@ -163,7 +165,7 @@ def inject(model: str, weights: str | None, init: str, num_classes: int | None, 
 def train_cmd(run_dir: str, data: str, epochs: int, steps: int | None, batch_size: int, lr: float, weight_decay: float,
               max_grad_norm: float | None, max_length: int, accumulation: int, bf16: bool, optimizer: str,
               optim_rank: int, update_gap: int, scale: float, proj_type: str, svd: str, kappa: int, beta1: float,
-              schedule: str, restart_every: int, prune: float, prune_mode: str, restart_warmup: int, warmup: int,
+              layerwise: bool, accumulation_rank: int | None, schedule: str, restart_every: int, prune: float, prune_mode: str, restart_warmup: int, warmup: int,
               min_lr_ratio: float, checkpoint_every: int | None, resume: bool, seed: int, device: str,
               no_progress: bool, as_json: bool) -> None:
     """Train RUN_DIR's adapter on --data; saves the adapter and appends metrics.jsonl."""
@@ -173,7 +175,8 @@ def train_cmd(run_dir: str, data: str, epochs: int, steps: int | None, batch_siz
     from lrsurgery.train.loop import TrainConfig
     from lrsurgery.train.relora import ReLoRAConfig
     optim = OptimConfig(name=optimizer, rank=optim_rank, update_gap=update_gap, scale=scale, proj_type=proj_type,
-                        svd=svd, kappa=kappa, beta1=beta1, seed=seed)
+                        svd=svd, kappa=kappa, beta1=beta1, layerwise=layerwise, accumulation_rank=accumulation_rank,
+                        seed=seed)
     relora = ReLoRAConfig(restart_every=restart_every, prune=prune, prune_mode=prune_mode,
                           restart_warmup=restart_warmup, warmup=warmup, min_lr_ratio=min_lr_ratio) \
         if schedule == "relora" else None

@@ -160,7 +160,13 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig,
     device = distributed.init(w, select_device(config.device))
     torch.manual_seed(config.seed)
     model.to(device).train()
-    optimizer = build_optimizer(model, config.optim, config.lr, config.weight_decay)
+    _check_combination(config, w)
+    optimizer = build_optimizer(model, config.optim, config.lr, config.weight_decay, config.accumulation)
+    accumulator = None
+    if config.optim.accumulation_rank and config.accumulation > 1:
+        from lrsurgery.optim.flora import CompressedAccumulator
+        accumulator = CompressedAccumulator(params, config.optim.accumulation_rank, config.accumulation,
+                                            seed=config.seed)
     micro = config.batch_size // config.accumulation
     n_train = len(data.train)
     drop_last = n_train >= config.batch_size
@@ -174,6 +180,8 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig,
     if resume:
         state = ckpt.load(checkpoint_dir, model)
         optimizer.load_state_dict(state["optimizer"])
+        if accumulator is not None:
+            accumulator.load_state_dict(state["accumulator"])
         if schedule is not None:
             schedule.load_state_dict(state["schedule"])
         pos = Position(**state["position"])
@@ -229,12 +237,16 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig,
             if checkpoint_every and pos.step % checkpoint_every == 0 and pos.step < total and w.main:
                 ckpt.save(checkpoint_dir, model, {
                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict() if schedule else None,
+                    "accumulator": accumulator.state_dict() if accumulator else None,
                     "position": asdict(pos), "rng": ckpt.rng_state(), "config": config.as_dict(),
                     "checkpoint_every": checkpoint_every},
                     ckpt.base_records(model))
         if pos.batch == len(batches):
             pos.epoch, pos.batch = pos.epoch + 1, 0
     bar.close()
+    for hooks in (accumulator, getattr(optimizer, "inner", None)):
+        if hooks is not None:
+            hooks.remove()
     if memory is not None:
         memory.optimizer_state = optimizer_state_bytes(optimizer)
     final = pos.history[-1] if pos.history else {}
@@ -242,6 +254,21 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig,
                        train_loss=pos.running / max(pos.step, 1),
                        eval={k[5:]: v for k, v in final.items() if k.startswith("eval_")},
                        memory=memory, history=pos.history)
+
+
+def _check_combination(config: TrainConfig, w: Any) -> None:
+    """Refuse option combinations that would silently train something else than asked."""
+    layerwise, compressed = config.optim.layerwise, bool(config.optim.accumulation_rank)
+    if layerwise and config.max_grad_norm:
+        raise TrainingError("--layerwise frees each gradient as soon as it is used: it cannot clip the global "
+                            "gradient norm; drop --max-grad-norm")
+    if layerwise and compressed:
+        raise TrainingError("choose either --layerwise or --accumulation-rank, not both")
+    if (layerwise or compressed) and w.size > 1:
+        raise TrainingError("--layerwise and --accumulation-rank run in a single process (their gradient hooks "
+                            "would act before DDP averages the gradients)")
+    if compressed and config.accumulation < 2:
+        raise TrainingError("--accumulation-rank compresses gradient accumulation: set --accumulation ≥ 2")
 
 
 def _end_epoch(model: nn.Module, data: DataBundle, config: TrainConfig, device: torch.device, pos: Position,
