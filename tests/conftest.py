@@ -23,6 +23,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 VIT_KWARGS = dict(pretrained=False, img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+# the same ViT on 1-channel 16×16 images: trains on the digits data source
+DIGITS_VIT_KWARGS = dict(VIT_KWARGS, in_chans=1)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 FAKE_REPO = "tiny-org/tiny-gpt2"
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"  # 40 hex: a commit hash as the hub cache stores it
 
@@ -42,12 +45,32 @@ def offline_hub(tmp_path_factory: pytest.TempPathFactory):
     mp.undo()
 
 
-def build_tiny_vit(seed: int = 0) -> nn.Module:
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models are tiny: one intra-op thread is faster, and immune to a busy machine's oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def build_tiny_vit(seed: int = 0, channels: int = 3) -> nn.Module:
     import timm
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return timm.create_model("vit_tiny_patch16_224", **VIT_KWARGS).eval()
+        return timm.create_model("vit_tiny_patch16_224", **(VIT_KWARGS if channels == 3 else DIGITS_VIT_KWARGS)).eval()
+
+
+def build_lm(seed: int, vocab_size: int) -> nn.Module:
+    """A tiny GPT-2 LM sized for the MiniLM (BERT) tokenizer's vocabulary."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab_size, n_positions=64,
+                         bos_token_id=101, eos_token_id=102, pad_token_id=0)
+        return GPT2LMHeadModel(cfg).eval()
 
 
 def build_tiny_gpt2(seed: int = 0) -> nn.Module:
@@ -95,6 +118,34 @@ def vit_other_dir(models_root: Path) -> Path:
     import lrsurgery
 
     return lrsurgery.save_model(build_tiny_vit(1), models_root / "vit-seed1")
+
+
+@pytest.fixture(scope="session")
+def digits_vit_dir(models_root: Path) -> Path:
+    """Tiny 1-channel timm ViT (seed 0) for the digits data: the base of run/train/merge tests."""
+    import lrsurgery
+
+    return lrsurgery.save_model(build_tiny_vit(0, channels=1), models_root / "digits-vit")
+
+
+@pytest.fixture(scope="session")
+def digits_vit_other_dir(models_root: Path) -> Path:
+    """The same 1-channel ViT with other weights (seed 1): the wrong base."""
+    import lrsurgery
+
+    return lrsurgery.save_model(build_tiny_vit(1, channels=1), models_root / "digits-vit-seed1")
+
+
+@pytest.fixture(scope="session")
+def lm_dir(models_root: Path, minilm_dir: Path) -> Path:
+    """Tiny GPT-2 LM saved with the real MiniLM tokenizer files beside it (text data needs one)."""
+    from transformers import AutoTokenizer
+
+    out = models_root / "lm"
+    build_lm(0, AutoTokenizer.from_pretrained(minilm_dir).vocab_size).save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        shutil.copy(minilm_dir / name, out / name)
+    return out
 
 
 @pytest.fixture(scope="session")

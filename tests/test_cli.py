@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from click.testing import CliRunner
 
@@ -21,23 +20,13 @@ from lrsurgery.run import open_run
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def vit_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, in_chans=1,
-                              embed_dim=32, depth=2, num_heads=2, num_classes=5)
-    path = tmp_path_factory.mktemp("cli") / "vit"
-    lrsurgery.save_model(model, path)
-    return path
-
-
 def run(*args: str) -> tuple[int, str, str]:
     result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     return result.exit_code, result.stdout, result.stderr
 
 
-def test_inject_train_extract_show_merge(vit_dir, tmp_path):
-    code, out, err = run("inject", vit_dir, "--rank", "4", "--alpha", "8", "--train", "head",
+def test_inject_train_extract_show_merge(digits_vit_dir, tmp_path):
+    code, out, err = run("inject", digits_vit_dir, "--rank", "4", "--alpha", "8", "--train", "head",
                          "-o", tmp_path / "run", "--json")
     assert code == 0, err
     info = json.loads(out)
@@ -61,7 +50,7 @@ def test_inject_train_extract_show_merge(vit_dir, tmp_path):
     assert shown["valid"] and shown["provenance"]["steps"] == 3 and shown["provenance"]["data"] == "digits:5-9"
     assert {m["name"] for m in shown["modules"]} >= {"head", "blocks.0.attn.qkv"}
 
-    code, out, err = run("merge", vit_dir, tmp_path / "a.safetensors", "-o", tmp_path / "merged")
+    code, out, err = run("merge", digits_vit_dir, tmp_path / "a.safetensors", "-o", tmp_path / "merged")
     assert code == 0, err
     merged = lrsurgery.load_model(str(tmp_path / "merged"))
     adapted = open_run(tmp_path / "run").model.eval()
@@ -71,10 +60,10 @@ def test_inject_train_extract_show_merge(vit_dir, tmp_path):
     assert not lrsurgery.lora_modules(merged)
 
 
-def test_human_output_has_tables(vit_dir, tmp_path):
-    code, out, _ = run("inspect", vit_dir, "--rank", "2")
+def test_human_output_has_tables(digits_vit_dir, tmp_path):
+    code, out, _ = run("inspect", digits_vit_dir, "--rank", "2")
     assert code == 0 and "blocks.0.attn.qkv" in out and "8 target modules" in out
-    run("inject", vit_dir, "-o", tmp_path / "run")
+    run("inject", digits_vit_dir, "-o", tmp_path / "run")
     code, out, _ = run("show", tmp_path / "run" / "adapter.safetensors")
     assert code == 0 and "valid" in out and "blocks.1.mlp.fc2" in out
 
@@ -86,27 +75,27 @@ def test_human_output_has_tables(vit_dir, tmp_path):
     (["inject", "{vit}", "--targets", "qkvv", "-o", "{tmp}/r"], "closest names"),
     (["train", "{tmp}", "--data", "digits"], "not a run directory"),
 ])
-def test_user_errors_are_one_line_without_traceback(vit_dir, tmp_path, args, message):
-    args = [a.format(vit=vit_dir, tmp=tmp_path) for a in args]
+def test_user_errors_are_one_line_without_traceback(digits_vit_dir, tmp_path, args, message):
+    args = [a.format(vit=digits_vit_dir, tmp=tmp_path) for a in args]
     code, out, err = run(*args)
     assert code == 1
     assert err.startswith("error: ") and message in err and "Traceback" not in err + out
 
 
-def test_nothing_is_overwritten_without_force(vit_dir, tmp_path):
-    assert run("inject", vit_dir, "-o", tmp_path / "run")[0] == 0
-    code, _, err = run("inject", vit_dir, "-o", tmp_path / "run")
+def test_nothing_is_overwritten_without_force(digits_vit_dir, tmp_path):
+    assert run("inject", digits_vit_dir, "-o", tmp_path / "run")[0] == 0
+    code, _, err = run("inject", digits_vit_dir, "-o", tmp_path / "run")
     assert code == 1 and "--force" in err
-    assert run("inject", vit_dir, "-o", tmp_path / "run", "--force")[0] == 0
+    assert run("inject", digits_vit_dir, "-o", tmp_path / "run", "--force")[0] == 0
     target = tmp_path / "a.safetensors"
     target.write_bytes(b"precious")
     code, _, err = run("extract", tmp_path / "run", "-o", target)
     assert code == 1 and target.read_bytes() == b"precious"
 
 
-def test_merge_refuses_another_base_unless_forced(vit_dir, tmp_path):
-    run("inject", vit_dir, "-o", tmp_path / "run", "--train", "head")
-    other = lrsurgery.load_model(str(vit_dir))
+def test_merge_refuses_another_base_unless_forced(digits_vit_dir, tmp_path):
+    run("inject", digits_vit_dir, "-o", tmp_path / "run", "--train", "head")
+    other = lrsurgery.load_model(str(digits_vit_dir))
     with torch.no_grad():
         other.blocks[0].attn.qkv.weight.add_(1e-3)
     lrsurgery.save_model(other, tmp_path / "other.safetensors")
@@ -117,13 +106,13 @@ def test_merge_refuses_another_base_unless_forced(vit_dir, tmp_path):
     assert code == 0 and (tmp_path / "m.safetensors").is_file()
 
 
-def test_svd_extract_from_two_models(vit_dir, tmp_path):
-    tuned = lrsurgery.load_model(str(vit_dir))
+def test_svd_extract_from_two_models(digits_vit_dir, tmp_path):
+    tuned = lrsurgery.load_model(str(digits_vit_dir))
     with torch.no_grad():
         u, v = torch.randn(96, 2), torch.randn(2, 32)
         tuned.blocks[0].attn.qkv.weight.add_(u @ v * 0.01)
     lrsurgery.save_model(tuned, tmp_path / "tuned")
-    code, out, err = run("extract", "--base", vit_dir, "--tuned", tmp_path / "tuned", "--rank", "2",
+    code, out, err = run("extract", "--base", digits_vit_dir, "--tuned", tmp_path / "tuned", "--rank", "2",
                          "-o", tmp_path / "svd.safetensors", "--json")
     assert code == 0, err
     rows = {r["module"]: r for r in json.loads(out)["modules"]}
@@ -131,8 +120,8 @@ def test_svd_extract_from_two_models(vit_dir, tmp_path):
     assert rows["blocks.1.mlp.fc2"]["error"] == 0.0  # unchanged layer: nothing to approximate
 
 
-def test_subprocess_entry_points(vit_dir, tmp_path):
-    run("inject", vit_dir, "-o", tmp_path / "run")
+def test_subprocess_entry_points(digits_vit_dir, tmp_path):
+    run("inject", digits_vit_dir, "-o", tmp_path / "run")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     ok = subprocess.run([sys.executable, "-m", "lrsurgery", "show", str(tmp_path / "run" / "adapter.safetensors"),
                          "--json"], capture_output=True, text=True, env=env, timeout=300)

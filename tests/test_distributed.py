@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 
 import lrsurgery
@@ -25,21 +24,11 @@ CASES = {  # name: (inject kwargs, CLI optimizer args, OptimConfig)
 }
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, in_chans=1,
-                              embed_dim=32, depth=2, num_heads=2, num_classes=5)
-    path = tmp_path_factory.mktemp("ddp") / "vit"
-    lrsurgery.save_model(model, path)
-    return path
-
-
 @pytest.mark.parametrize("case", list(CASES))
-def test_two_processes_equal_one(base_dir, tmp_path, case):
+def test_two_processes_equal_one(digits_vit_dir, tmp_path, case):
     inject_kwargs, cli_args, optim = CASES[case]
     for d in ("one", "two"):
-        create_run(str(base_dir), tmp_path / d, seed=1, **inject_kwargs)
+        create_run(str(digits_vit_dir), tmp_path / d, seed=1, **inject_kwargs)
     train_run(tmp_path / "one", "digits:5-9", TrainConfig(steps=4, batch_size=16, accumulation=2, lr=1e-3,
                                                           optim=optim, progress=False))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

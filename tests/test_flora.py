@@ -24,15 +24,6 @@ ref = pytest.importorskip("flora_opt.optimizers.torch.flora")
 PARITY_ATOL = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy machine each one can stall for milliseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_mlp(seed: int = 0, widths: tuple[int, ...] = (64, 32, 64, 64)) -> nn.Sequential:
     """Linear layers with weights 32×64 (wide), 64×32 (tall) and 64×64 by default, tanh between."""
     with torch.random.fork_rng(devices=[]):

