@@ -11,6 +11,7 @@ Weights are read from safetensors, or with ``torch.load(weights_only=True)`` at 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -114,12 +115,8 @@ def _load_timm(ref: str, name: str | None, weights, init: str, num_classes: int 
     kwargs = dict(model_args)
     if local_dir is not None and saved_classes is not None:
         kwargs["num_classes"] = saved_classes
-    quiet = logging.getLogger("timm.data.model_config")  # warns about RGB stats on 1-channel models
-    level, quiet.level = quiet.level, logging.ERROR
-    try:
+    with _quiet_timm_stats():
         model = timm.create_model(name, pretrained=False, **kwargs)
-    finally:
-        quiet.setLevel(level)
     info = BaseInfo(ref=ref, library="timm", source="random-init")
     if weights is not None:
         state = read_state_dict(weights)
@@ -136,6 +133,18 @@ def _load_timm(ref: str, name: str | None, weights, init: str, num_classes: int 
         model.reset_classifier(num_classes)
         info.num_classes, info.head_reset = num_classes, True
     return model, info
+
+
+@contextlib.contextmanager
+def _quiet_timm_stats():
+    """timm warns that a 1-channel model has RGB mean/std (and then uses their mean): expected here."""
+    quiet = logging.getLogger("timm.data.model_config")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        quiet.setLevel(level)
 
 
 def _timm_hub_cache(model: nn.Module, name: str):
@@ -282,7 +291,8 @@ def save_model(model: nn.Module, out: str | os.PathLike, *, force: bool = False)
     try:
         if library == "timm":
             from timm.models import save_for_hf
-            save_for_hf(model, tmp, safe_serialization=True)
+            with _quiet_timm_stats():
+                save_for_hf(model, tmp, safe_serialization=True)
         else:
             model.save_pretrained(tmp)
             _copy_tokenizer(info, tmp)

@@ -194,6 +194,7 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig,
                leave=False)
     while pos.step < total:
         batches = epoch_batches(n_train, micro, config.seed, pos.epoch, drop_last)
+        batches = batches[:len(batches) - len(batches) % config.accumulation]  # whole steps only
         while pos.batch < len(batches) and pos.step < total:
             batch = collate([data.train[i] for i in distributed.shard(batches[pos.batch], w)])
             pos.batch += 1
