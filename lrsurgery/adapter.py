@@ -51,7 +51,7 @@ def adapter_from_model(model: nn.Module, provenance: dict[str, Any] | None = Non
     """Capture the model's LoRA factors and fully trained modules as an in-memory adapter."""
     layers = lora_modules(model)
     config = adapter_config(model) or AdapterConfig(targets=list(layers))
-    if not layers and not config.train:
+    if not layers and not config.train and config.method != "velora":
         raise LrsurgeryError("the model has no adapters: inject or apply one first")
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, dict[str, Any]] = {}
@@ -60,7 +60,8 @@ def adapter_from_model(model: nn.Module, provenance: dict[str, Any] | None = Non
             raise LrsurgeryError(f"{name} is merged into its base; unmerge before saving the adapter")
         modules[name] = lora_entry(layer)
         tensors.update(lora_tensors(name, layer))
-    for name in config.train:
+    from lrsurgery.surgery import velora_modules
+    for name in dict.fromkeys([*config.train, *velora_modules(model)]):  # VeLoRA layers train in full
         params = dict(model.get_submodule(name).named_parameters())
         if not params:
             continue
@@ -182,9 +183,13 @@ def apply_adapter(model: nn.Module, adapter: fmt.Adapter | str | os.PathLike, *,
             for p in entry["tensors"]:
                 params[p].copy_(adapter.tensors[fmt.tensor_key(name, p)])
                 params[p].requires_grad_(trainable)
-    cfg = adapter.meta.get("config", {})
-    model.lrsurgery_adapter = AdapterConfig(
-        method=adapter.meta.get("method", "lora"), rank=cfg.get("rank") or 0, alpha=cfg.get("alpha") or 0.0,
-        rslora=cfg.get("rslora", False), dropout=cfg.get("dropout", 0.0),
-        targets=list(lora_modules(model)), train=full)
+    if adapter_config(model) is None:  # keep the config of an injection this adapter was loaded into
+        cfg = adapter.meta.get("config", {})
+        model.lrsurgery_adapter = AdapterConfig(
+            method=adapter.meta.get("method", "lora"), rank=cfg.get("rank") or 0, alpha=cfg.get("alpha") or 0.0,
+            rslora=cfg.get("rslora", False), dropout=cfg.get("dropout", 0.0),
+            targets=list(lora_modules(model)), train=full)
+    else:
+        config = adapter_config(model)
+        config.train = list(dict.fromkeys([*config.train, *full]))
     return adapter

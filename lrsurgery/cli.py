@@ -90,7 +90,11 @@ def inspect(model: str, weights: str | None, init: str, num_classes: int | None,
 @main.command()
 @click.argument("model")
 @model_options
-@click.option("--method", type=click.Choice(["lora", "full"]), default="lora", show_default=True)
+@click.option("--method", type=click.Choice(["lora", "full", "velora"]), default="lora", show_default=True,
+              help="lora: low-rank adapters; full: train the modules in full; velora: train the targets in "
+                   "full with VeLoRA-compressed saved inputs.")
+@click.option("--groups", type=int, help="VeLoRA (--method velora): sub-tokens per token; must divide the width.")
+@click.option("--velora-groups", type=int, help="VeLoRA on LoRA's A branch (--method lora).")
 @click.option("--rank", "-r", type=int, default=8, show_default=True)
 @click.option("--alpha", type=float, help="LoRA alpha (scaling alpha/r). Default: 2·rank.")
 @click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(r) (rank-stabilized LoRA).")
@@ -100,7 +104,8 @@ def inspect(model: str, weights: str | None, init: str, num_classes: int | None,
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
 @click.option("--force", is_flag=True, help="Overwrite an existing run directory.")
 @click.option("--json", "as_json", is_flag=True)
-def inject(model: str, weights: str | None, init: str, num_classes: int | None, seed: int, method: str, rank: int,
+def inject(model: str, weights: str | None, init: str, num_classes: int | None, seed: int, method: str,
+           groups: int | None, velora_groups: int | None, rank: int,
            alpha: float | None, rslora: bool, dropout: float, targets: tuple[str, ...], train: tuple[str, ...],
            out: str, force: bool, as_json: bool) -> None:
     """Wrap MODEL's target layers with LoRA and write a run directory (adapter + recipe)."""
@@ -108,7 +113,7 @@ def inject(model: str, weights: str | None, init: str, num_classes: int | None, 
     run, report = create_run(model, out, weights=weights, init=init, num_classes=num_classes, seed=seed,
                              method=method, rank=rank, alpha=2.0 * rank if alpha is None else alpha,
                              rslora=rslora, dropout=dropout, targets=targets_arg(targets),
-                             train=targets_arg(train), force=force)
+                             train=targets_arg(train), groups=groups, velora_groups=velora_groups, force=force)
     summary = {"run": str(run.path), "base": run.recipe["base"], "method": method,
                "targets": report.config.targets, "train": report.config.train,
                "trainable_params": report.trainable_params, "total_params": report.total_params}

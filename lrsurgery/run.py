@@ -43,18 +43,19 @@ class Run:
 def create_run(model_ref: str, out: str | os.PathLike, *, weights: str | None = None, init: str = "pretrained",
                num_classes: int | None = None, seed: int = 0, method: str = "lora", rank: int = 8,
                alpha: float | None = None, rslora: bool = False, dropout: float = 0.0,
-               targets: TargetSpec = None, train: TargetSpec = None, force: bool = False) -> tuple[Run, InjectReport]:
+               targets: TargetSpec = None, train: TargetSpec = None, groups: int | None = None,
+               velora_groups: int | None = None, force: bool = False) -> tuple[Run, InjectReport]:
     """Load the base, inject, and write a run directory with the initialized adapter and the recipe."""
     out = Path(out)
     if (out / RECIPE).exists() and not force:
         raise OutputExistsError(f"{out} already holds a run; pass --force to overwrite it or choose another -o")
     model = load_model(model_ref, weights=weights, init=init, num_classes=num_classes, seed=seed)
-    if train is None and num_classes is not None and method == "lora":
+    if train is None and num_classes is not None and method in ("lora", "velora"):
         train = sorted(head_names(model))  # a new head must be trained in full
     with torch.random.fork_rng(devices=[]):  # the initial adapter is a function of the seed
         torch.manual_seed(seed)
         report = inject(model, method=method, rank=rank, alpha=alpha, targets=targets, train=train,
-                        dropout=dropout, rslora=rslora)
+                        dropout=dropout, rslora=rslora, groups=groups, velora_groups=velora_groups)
     info = base_info(model)
     recipe = {"base": info.as_dict(), "load": {"ref": info.ref, **info.load_kwargs()},
               "inject": {**report.config.as_dict(), "target_spec": targets, "train_spec": train},
@@ -80,9 +81,10 @@ def open_run(run_dir: str | os.PathLike) -> Run:
     load = dict(recipe["load"])
     model = load_model(load.pop("ref"), **load)
     cfg = recipe["inject"]
-    if cfg["method"] == "lora":
-        inject(model, method="lora", rank=cfg["rank"], alpha=cfg["alpha"], targets=cfg["targets"],
-               train=cfg["train"] or None, dropout=cfg["dropout"], rslora=cfg["rslora"])
+    if cfg["method"] in ("lora", "velora"):
+        inject(model, method=cfg["method"], rank=cfg["rank"] or 8, alpha=cfg["alpha"], targets=cfg["targets"],
+               train=cfg["train"] or None, dropout=cfg["dropout"], rslora=cfg["rslora"], groups=cfg.get("groups"),
+               velora_groups=cfg.get("velora_groups"))
     apply_adapter(model, run_dir / ADAPTER, trainable=True)
     return Run(run_dir, recipe, model)
 

@@ -16,7 +16,7 @@ from lrsurgery.errors import LrsurgeryError, TargetError
 from lrsurgery.layers.lora import LoRALinear
 from lrsurgery.targets import TargetReport, TargetSpec, resolve_targets, resolve_train
 
-METHODS = ("lora", "full")
+METHODS = ("lora", "full", "velora")
 
 
 @dataclass
@@ -30,6 +30,8 @@ class AdapterConfig:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=list)   # resolved module names
     train: list[str] = field(default_factory=list)     # modules trained in full
+    groups: int | None = None          # VeLoRA sub-token groups (method "velora")
+    velora_groups: int | None = None   # VeLoRA on LoRA's A branch (method "lora")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,12 +63,15 @@ def adapter_config(model: nn.Module) -> AdapterConfig | None:
 
 def inject(model: nn.Module, method: str = "lora", rank: int = 8, alpha: float | None = None,
            targets: TargetSpec = None, train: TargetSpec = None, dropout: float = 0.0, rslora: bool = False,
-           adapter_dtype: torch.dtype | None = None) -> InjectReport:
+           adapter_dtype: torch.dtype | None = None, groups: int | None = None,
+           velora_groups: int | None = None) -> InjectReport:
     """Freeze ``model`` and wrap its target Linear/Conv1D layers with LoRA, in place.
 
     ``alpha`` defaults to ``rank`` (scaling 1). ``targets`` follows PEFT's rules (see
     ``lrsurgery.targets``); ``train`` names modules to train in full (never adapted).
     ``method="full"`` adds no adapter: it trains the ``train`` modules, by default the whole model.
+    ``method="velora"`` trains the target layers in full with VeLoRA-compressed saved inputs
+    (``groups`` sub-tokens per token); ``velora_groups`` applies VeLoRA to LoRA's A branch.
     """
     if method not in METHODS:
         raise LrsurgeryError(f"unknown method {method!r}; this version knows: {', '.join(METHODS)}")
@@ -77,6 +82,8 @@ def inject(model: nn.Module, method: str = "lora", rank: int = 8, alpha: float |
     if not 0.0 <= dropout < 1.0:
         raise LrsurgeryError(f"dropout must be in [0, 1), got {dropout}")
     alpha = float(rank if alpha is None else alpha)
+    if method == "velora" and not groups:
+        raise LrsurgeryError("--method velora needs --groups G (sub-tokens per token; G must divide the width)")
     if method == "full":
         train_names = resolve_train(model, train) if train else [""]  # "" = the whole model
         report = None
@@ -86,15 +93,40 @@ def inject(model: nn.Module, method: str = "lora", rank: int = 8, alpha: float |
     for p in model.parameters():
         p.requires_grad_(False)
     for name in (report.matched if report else []):
-        set_submodule(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout, rslora, adapter_dtype))
+        set_submodule(model, name, _wrap(model.get_submodule(name), method, rank, alpha, dropout, rslora,
+                                         adapter_dtype, groups, velora_groups))
     for name in train_names:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
-    config = AdapterConfig(method, rank if report else 0, alpha if report else 0.0, rslora, dropout,
-                           list(report.matched) if report else [], train_names)
+    lora = method == "lora"
+    config = AdapterConfig(method, rank if lora else 0, alpha if lora else 0.0, rslora, dropout,
+                           list(report.matched) if report else [], train_names, groups if method == "velora" else None,
+                           velora_groups if lora else None)
     model.lrsurgery_adapter = config
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return InjectReport(config, report, trainable, sum(p.numel() for p in model.parameters()))
+
+
+def _wrap(base: nn.Module, method: str, rank: int, alpha: float, dropout: float, rslora: bool,
+          adapter_dtype: torch.dtype | None, groups: int | None, velora_groups: int | None) -> nn.Module:
+    """The low-rank layer that replaces one target module."""
+    if method == "velora":
+        from lrsurgery.layers.velora import VeLoRALinear
+        layer = VeLoRALinear(base, groups)
+        for p in (layer.weight, layer.bias):
+            if p is not None:
+                p.requires_grad_(True)  # VeLoRA trains the full-rank weight; only its saved input shrinks
+        return layer
+    if velora_groups:
+        from lrsurgery.layers.velora import VeLoRALoRALinear
+        return VeLoRALoRALinear(base, rank, alpha, dropout, rslora, adapter_dtype, groups=velora_groups)
+    return LoRALinear(base, rank, alpha, dropout, rslora, adapter_dtype)
+
+
+def velora_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every full-rank VeLoRA layer in the model, by full module name."""
+    from lrsurgery.layers.velora import VeLoRALinear
+    return {n: m for n, m in model.named_modules() if isinstance(m, VeLoRALinear)}
 
 
 def wrap_module(model: nn.Module, name: str, rank: int, alpha: float, rslora: bool = False,
@@ -107,6 +139,8 @@ def wrap_module(model: nn.Module, name: str, rank: int, alpha: float, rslora: bo
 
 def eject(model: nn.Module, merge: bool = False, names: Iterable[str] | None = None) -> list[str]:
     """Put the plain modules back, folding the adapters in first when ``merge``; returns the names."""
+    for name, layer in velora_modules(model).items():  # full-rank: the weights are already trained in place
+        set_submodule(model, name, layer.eject())
     layers = lora_modules(model)
     chosen = list(layers) if names is None else list(names)
     for name in chosen:
@@ -123,7 +157,7 @@ def eject(model: nn.Module, merge: bool = False, names: Iterable[str] | None = N
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and return the (same) model with plain modules."""
-    if not lora_modules(model):
+    if not lora_modules(model) and not velora_modules(model):
         raise LrsurgeryError("the model has no adapters to merge (inject or apply an adapter first)")
     eject(model, merge=True)
     return model

@@ -28,6 +28,8 @@ STATE, TRAINER = "state.safetensors", "trainer.pt"
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """What changes during training: trainable tensors, plus folded ReLoRA history and its weights."""
     state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    # VeLoRA's projection vectors: set from the first batch, so a resumed run must get them back
+    state.update({n: b.detach().cpu().contiguous() for n, b in model.named_buffers() if n.endswith("velora.v")})
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear) and m.folded_A is not None:
             state[f"{name}.weight"] = m.weight.detach().cpu().contiguous()
@@ -39,7 +41,7 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Inverse of ``model_state`` (the model must have the same adapters injected)."""
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_parameters()), **{n: b for n, b in model.named_buffers() if n.endswith("velora.v")}}
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear) and f"{name}.folded_A" in state:
             m.folded_A = state.pop(f"{name}.folded_A").to(m.weight.device)
