@@ -5,10 +5,8 @@ User errors (``LrsurgeryError``) print one line on stderr, without a traceback, 
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 import click

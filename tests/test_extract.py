@@ -8,7 +8,6 @@ printed (``pytest -s``) and recorded as junit properties.
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import pytest

@@ -6,7 +6,6 @@ chunks, AdamW on cloned factors) must agree with the batched layer to ~1e-12.
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ disk once for this module. Measured differences are printed (``pytest -s``) and 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 import lrsurgery
-from lrsurgery import format as fmt
-from lrsurgery.errors import LrsurgeryError, ModelNotFoundError, OutputExistsError, TrainingError
+
+from lrsurgery.errors import LrsurgeryError, OutputExistsError, TrainingError
 from lrsurgery.run import ADAPTER, METRICS, RECIPE, create_run, open_run, train_run
 from lrsurgery.train.data import build_data
 from lrsurgery.train.loop import TrainConfig, train
@@ -189,7 +189,7 @@ def test_second_session_continues_and_appends(tmp_path: Path, trained) -> None:
 
 
 def test_training_is_deterministic_for_a_seed(trained) -> None:
-    (pa, ra), (pb, rb), (pc, rc) = trained["a"], trained["b"], trained["c"]
+    (pa, ra), (pb, rb), (pc, _) = trained["a"], trained["b"], trained["c"]
     a, b, c = (lrsurgery.load_adapter(p / ADAPTER) for p in (pa, pb, pc))
     assert set(a.tensors) == set(b.tensors) == set(c.tensors)
     for k in a.tensors:
