@@ -163,3 +163,27 @@ def test_lora_layer_fold_keeps_output(tmp_path):
         y = layer(x)
         layer.fold()
         assert (layer(x) - y).abs().max() <= 1e-6
+
+
+def test_full_rank_warm_start_then_relora(digits_vit_dir, tmp_path):
+    """The warm-start workflow: train in full, merge into a new base, run ReLoRA on it."""
+    from lrsurgery.ops.merge import merge_files
+    from lrsurgery.run import create_run, open_run, train_run
+    from lrsurgery.train.loop import TrainConfig
+    create_run(str(digits_vit_dir), tmp_path / "warm", method="full")
+    train_run(tmp_path / "warm", "digits:5-9", TrainConfig(steps=3, batch_size=16, progress=False))
+    merge_files(str(digits_vit_dir), tmp_path / "warm" / "adapter.safetensors", tmp_path / "warm-base")
+    warm = lrsurgery.load_model(str(tmp_path / "warm-base")).eval()
+    trained_full = open_run(tmp_path / "warm").model.eval()
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(warm(x), trained_full(x))  # the warm base is exactly the full run's model
+    create_run(str(tmp_path / "warm-base"), tmp_path / "relora", rank=2, targets="preset", train="head")
+    cfg = ReLoRAConfig(restart_every=2, restart_warmup=1, warmup=1)
+    train_run(tmp_path / "relora", "digits:5-9", TrainConfig(steps=6, batch_size=16, relora=cfg, progress=False))
+    adapter = lrsurgery.load_adapter(tmp_path / "relora" / "adapter.safetensors")
+    assert adapter.modules["blocks.0.attn.qkv"]["folded_rank"] == 4  # restarts after steps 2 and 4
+    # the ReLoRA adapter names the warm base, not the original one
+    lrsurgery.check_base(lrsurgery.load_model(str(tmp_path / "warm-base")), adapter)
+    with pytest.raises(lrsurgery.LrsurgeryError, match="other base weights"):
+        lrsurgery.check_base(lrsurgery.load_model(str(digits_vit_dir)), adapter)

@@ -16,7 +16,7 @@ from lrsurgery import format as fmt
 from lrsurgery.adapter import apply_adapter, load_adapter
 from lrsurgery.errors import BaseMismatchError, ShapeMismatchError
 from lrsurgery.models import load_model, save_model
-from lrsurgery.surgery import merge
+from lrsurgery.surgery import lora_modules, merge, velora_modules
 
 
 def delta_weight(adapter: fmt.Adapter, name: str) -> torch.Tensor:
@@ -31,6 +31,8 @@ def delta_weight(adapter: fmt.Adapter, name: str) -> torch.Tensor:
 def merge_into_model(model: nn.Module, adapter: fmt.Adapter | str | os.PathLike, *, force: bool = False) -> nn.Module:
     """Apply (with base checks) and fold the adapter into ``model``; returns the plain model."""
     apply_adapter(model, adapter, force=force)
+    if not lora_modules(model) and not velora_modules(model):
+        return model  # only full modules: applying them already replaced the weights
     return merge(model)
 
 
