@@ -20,7 +20,7 @@ from lrsurgery import format as fmt
 from lrsurgery.errors import BaseMismatchError, LrsurgeryError, ShapeMismatchError
 from lrsurgery.layers.lora import LoRALinear, is_linear, linear_shape
 from lrsurgery.models import base_info
-from lrsurgery.surgery import AdapterConfig, adapter_config, lora_modules, wrap_module
+from lrsurgery.surgery import AdapterConfig, adapter_config, lora_modules, velora_modules, wrap_module
 
 
 def lora_entry(layer: LoRALinear) -> dict[str, Any]:
@@ -60,7 +60,6 @@ def adapter_from_model(model: nn.Module, provenance: dict[str, Any] | None = Non
             raise LrsurgeryError(f"{name} is merged into its base; unmerge before saving the adapter")
         modules[name] = lora_entry(layer)
         tensors.update(lora_tensors(name, layer))
-    from lrsurgery.surgery import velora_modules
     for name in dict.fromkeys([*config.train, *velora_modules(model)]):  # VeLoRA layers train in full
         params = dict(model.get_submodule(name).named_parameters())
         if not params:
