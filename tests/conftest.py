@@ -252,3 +252,28 @@ def randomize_b() -> Callable[..., None]:
                 layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * scale)
 
     return _randomize
+
+
+class Killed(Exception):
+    """Stands for the process dying mid-run."""
+
+
+def train_until_killed(run_dir, data: str, config, *, kill_after: int, checkpoint_every: int) -> None:
+    """Train a run that dies right after logging step ``kill_after`` (its checkpoints stay behind)."""
+    import lrsurgery.run as run_module
+
+    real = run_module.jsonl_logger
+
+    def killing(path):
+        log = real(path)
+
+        def wrapped(record):
+            log(record)
+            if record.get("step") == kill_after and "loss" in record:
+                raise Killed
+        return wrapped
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_module, "jsonl_logger", killing)
+        with pytest.raises(Killed):
+            run_module.train_run(run_dir, data, config, checkpoint_every=checkpoint_every)

@@ -9,16 +9,12 @@ import pytest
 import torch
 
 import lrsurgery
-import lrsurgery.run as run_module
 from lrsurgery.errors import LrsurgeryError
 from lrsurgery.optim import OptimConfig
 from lrsurgery.run import create_run, train_run
 from lrsurgery.train.loop import TrainConfig
 from lrsurgery.train.relora import ReLoRAConfig
-
-
-class Killed(Exception):
-    pass
+from conftest import train_until_killed
 
 
 def configs() -> dict[str, TrainConfig]:
@@ -34,27 +30,14 @@ def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", ["adamw", "relora"])
-def test_kill_and_resume_is_bit_identical(digits_vit_dir, tmp_path, monkeypatch, name):
+def test_kill_and_resume_is_bit_identical(digits_vit_dir, tmp_path, name):
     config = configs()[name]
     for d in ("straight", "killed"):
         create_run(str(digits_vit_dir), tmp_path / d, rank=2, alpha=4, targets="preset", train="head", seed=1)
     train_run(tmp_path / "straight", "digits:5-9", config)
 
-    real_logger = run_module.jsonl_logger
-
-    def killing_logger(path):
-        log = real_logger(path)
-
-        def wrapped(record):
-            log(record)
-            if record.get("step") == 8 and "loss" in record:
-                raise Killed  # the process dies after step 8; the last checkpoint is step 6
-        return wrapped
-
-    monkeypatch.setattr(run_module, "jsonl_logger", killing_logger)
-    with pytest.raises(Killed):
-        train_run(tmp_path / "killed", "digits:5-9", config, checkpoint_every=3)
-    monkeypatch.setattr(run_module, "jsonl_logger", real_logger)
+    # the process dies after step 8; the last checkpoint is step 6
+    train_until_killed(tmp_path / "killed", "digits:5-9", config, kill_after=8, checkpoint_every=3)
     assert (tmp_path / "killed" / "checkpoint" / "trainer.pt").is_file()
     # resume ignores the settings given now and continues with the killed session's own
     train_run(tmp_path / "killed", "digits:5-9", TrainConfig(progress=False), resume=True)

@@ -11,6 +11,7 @@ from lrsurgery.memory import SavedTensorMeter
 from lrsurgery.optim import OptimConfig
 from lrsurgery.run import create_run, open_run, train_run
 from lrsurgery.train.loop import TrainConfig
+from conftest import train_until_killed
 
 CFG = dict(steps=4, batch_size=16, progress=False)
 
@@ -70,26 +71,12 @@ def test_velora_needs_groups(digits_vit_dir, tmp_path):
         create_run(str(digits_vit_dir), tmp_path / "x", method="velora", targets=["mlp.fc2"])
 
 
-def test_velora_resume_is_bit_identical(digits_vit_dir, tmp_path, monkeypatch):
-    import lrsurgery.run as run_module
+def test_velora_resume_is_bit_identical(digits_vit_dir, tmp_path):
     config = TrainConfig(steps=6, batch_size=16, progress=False)
     for d in ("a", "b"):
         create_run(str(digits_vit_dir), tmp_path / d, rank=2, targets=["mlp.fc2"], velora_groups=4, train="head")
     train_run(tmp_path / "a", "digits:5-9", config)
-    real = run_module.jsonl_logger
-
-    def killing(path):
-        log = real(path)
-
-        def wrapped(record):
-            log(record)
-            if record.get("step") == 5 and "loss" in record:
-                raise KeyboardInterrupt
-        return wrapped
-    monkeypatch.setattr(run_module, "jsonl_logger", killing)
-    with pytest.raises(KeyboardInterrupt):
-        train_run(tmp_path / "b", "digits:5-9", config, checkpoint_every=3)
-    monkeypatch.setattr(run_module, "jsonl_logger", real)
+    train_until_killed(tmp_path / "b", "digits:5-9", config, kill_after=5, checkpoint_every=3)
     train_run(tmp_path / "b", "digits:5-9", config, resume=True)
     a = lrsurgery.load_adapter(tmp_path / "a" / "adapter.safetensors").tensors
     b = lrsurgery.load_adapter(tmp_path / "b" / "adapter.safetensors").tensors
