@@ -23,10 +23,17 @@ class Group(click.Group):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
+                warnings.showwarning = _one_line_warning
                 return super().invoke(ctx)
         except LrsurgeryError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
+
+
+def _one_line_warning(message: Warning | str, category: type, filename: str, lineno: int, file: Any = None,
+                      line: str | None = None) -> None:
+    """Warnings are for users too: one `warning:` line on stderr, no source location."""
+    click.echo(f"warning: {message}", err=True)
 
 
 def list_option(*names: str, help: str) -> Any:
@@ -297,7 +304,11 @@ def demo(out: str | None, ranks: str, epochs: int, quick: bool, as_json: bool) -
     """Adapt a small pretrained ViT from digits 0-4 to 5-9: LoRA ranks vs full fine-tuning."""
     from lrsurgery.demo import DemoConfig, run_demo
     from lrsurgery.memory import format_bytes
-    config = DemoConfig(ranks=tuple(int(r) for r in ranks.split(",")), epochs=epochs, progress=not as_json)
+    try:
+        parsed = tuple(int(r) for r in ranks.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{ranks!r} is not a comma-separated list of integers", param_hint="--ranks")
+    config = DemoConfig(ranks=parsed, epochs=epochs, progress=not as_json)
     if quick:
         config = DemoConfig(ranks=config.ranks[:2], pretrain_epochs=3, epochs=1, progress=False)
     result = run_demo(out, config, echo=(lambda s: click.echo(s, err=True)))

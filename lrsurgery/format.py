@@ -245,7 +245,8 @@ def _raw_metadata(path: Path) -> dict[str, str]:
     if not path.exists():
         raise AdapterFormatError(f"{path}: no such file; check the path")
     if path.is_dir():
-        hint = " (it looks like a PEFT adapter: use `lrsurgery convert --from peft`)" \
+        hint = (" (it looks like a PEFT adapter directory; importing PEFT adapters is not available yet — "
+                "planned as `lrsurgery convert --from peft`)") \
             if (path / "adapter_config.json").exists() else ""
         raise AdapterFormatError(f"{path} is a directory, not an adapter file{hint}")
     try:
@@ -260,7 +261,7 @@ def _decode_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
     if raw.get("format") != FORMAT:
         raise AdapterFormatError(
             f"{path}: not an lrsurgery adapter (metadata 'format' is {raw.get('format')!r}, expected {FORMAT!r}); "
-            "a PEFT adapter can be imported with `lrsurgery convert --from peft`")
+            "PEFT adapters cannot be imported yet (planned: `lrsurgery convert --from peft`)")
     version = raw.get("format_version")
     if not isinstance(version, str) or not re.fullmatch(r"[1-9][0-9]*", version):
         raise AdapterFormatError(f"{path}: invalid format_version {version!r}; the file is corrupt")

@@ -7,6 +7,7 @@ to the weight's dtype, so they give the same bytes. Full modules replace their t
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 
 from lrsurgery import format as fmt
 from lrsurgery.adapter import apply_adapter, load_adapter
-from lrsurgery.errors import BaseMismatchError, ShapeMismatchError
+from lrsurgery.errors import BaseMismatchError, LrsurgeryError, ShapeMismatchError
 from lrsurgery.models import load_model, save_model
 from lrsurgery.surgery import lora_modules, merge, velora_modules
 
@@ -69,9 +70,11 @@ def merge_state_dict(state: dict[str, torch.Tensor], adapter: fmt.Adapter, *, fo
                     raise ShapeMismatchError(f"{key} has shape {list(state[key].shape)} in the checkpoint but "
                                              f"{list(adapter.tensors[key].shape)} in the adapter")
                 out[key] = adapter.tensors[key].to(state[key].dtype)
-    if bad and not force:
-        raise BaseMismatchError(f"{len(bad)} base weights differ from the ones the adapter was made on "
-                                f"(e.g. {bad[0]}); use the right base or pass --force")
+    if bad:
+        msg = f"{len(bad)} base weights differ from the ones the adapter was made on (e.g. {bad[0]})"
+        if not force:
+            raise BaseMismatchError(msg + "; use the right base or pass --force")
+        warnings.warn(msg + " — merging anyway because of --force", stacklevel=2)
     return out
 
 
@@ -90,6 +93,9 @@ def merge_files(model_ref: str, adapter_path: str | os.PathLike, out: str | os.P
         raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
     ref_path = Path(model_ref)
     if ref_path.suffix == ".safetensors" and ref_path.is_file():
+        if out.suffix != ".safetensors":
+            raise LrsurgeryError(f"the base {ref_path.name} is a plain safetensors file, so the merged model is one "
+                                 f"too: give -o a FILE.safetensors (got {out})")
         merged = merge_state_dict(load_file(str(ref_path)), adapter, force=force_base)
         fmt.atomic_write(out, lambda tmp: save_file({k: v.contiguous() for k, v in merged.items()}, str(tmp)))
         return out

@@ -1,4 +1,4 @@
-"""The training loop: AdamW over the trainable parameters, per-epoch evaluation, JSONL metrics.
+"""The training loop: the chosen optimizer over the trainable parameters, per-epoch evaluation, JSONL metrics.
 
 Deterministic for a given seed on a given device (data order, dropout and init all draw from it).
 The first step is measured: bytes of parameters, gradients, optimizer state and saved activations.
@@ -80,7 +80,13 @@ def select_device(spec: str = "auto") -> torch.device:
     """``auto`` picks CUDA when available, else CPU; anything else is passed to ``torch.device``."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise TrainingError(f"--device {spec!r} is not a device ({e}); use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"--device {spec} asks for CUDA, but no CUDA device is available; use --device cpu")
+    return device
 
 
 def compute_loss(model: nn.Module, batch: Any, task: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
