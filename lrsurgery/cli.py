@@ -280,7 +280,8 @@ def show(adapter: str, as_json: bool) -> None:
     if prov:
         click.echo("provenance: " + ", ".join(f"{k}={v}" for k, v in prov.items() if not isinstance(v, dict)))
     table(None, ["module", "kind", "rank", "alpha", "scaling", "shape", "params"],
-          [[m["name"], m["kind"], m.get("rank", ""), m.get("alpha", ""), m.get("scaling", ""), m["shape"], f"{m['params']:,}"]
+          [[m["name"], m["kind"], *("" if m.get(k) is None else m[k] for k in ("rank", "alpha", "scaling")),
+            m["shape"], f"{m['params']:,}"]
            for m in summary["modules"]])
 
 
