@@ -296,6 +296,11 @@ def save_model(model: nn.Module, out: str | os.PathLike, *, force: bool = False)
         else:
             model.save_pretrained(tmp)
             _copy_tokenizer(info, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a shared model follows the umask
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(tmp, out)
