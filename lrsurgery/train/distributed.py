@@ -75,3 +75,10 @@ def mean(value: float, w: World) -> float:
 def barrier(w: World) -> None:
     if w.size > 1 and dist.is_initialized():
         dist.barrier()
+
+
+def shutdown(w: World) -> None:
+    """Leave the process group together: a rank exiting with gloo threads alive aborts (SIGABRT)."""
+    if w.size > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -251,6 +251,7 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig,
         if pos.batch == len(batches):
             pos.epoch, pos.batch = pos.epoch + 1, 0
     bar.close()
+    distributed.shutdown(w)
     for hooks in (accumulator, getattr(optimizer, "inner", None)):
         if hooks is not None:
             hooks.remove()
