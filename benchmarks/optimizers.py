@@ -42,12 +42,12 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from lrsurgery.memory import format_bytes
+from lrsurgery.memory import format_bytes, state_tensors
 from lrsurgery.optim.flora import Flora, flora_state_bytes
 from lrsurgery.optim.galore import GaLoreAdamW, Projector, galore_state_bytes
 
@@ -144,21 +144,6 @@ def weight(shape: Shape, seed: int = 0) -> nn.Parameter:
 
 
 # ---------------------------------------------------------------- 1. state bytes
-
-
-def state_tensors(value: Any) -> Iterator[torch.Tensor]:
-    """Every tensor in optimizer state: in dicts, lists, tuples, and in objects' attributes
-    (galore-torch keeps a GaLoreProjector per weight, whose ``ortho_matrix`` is no state slot)."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from state_tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from state_tensors(item)
-    elif hasattr(value, "__dict__") and not isinstance(value, type):
-        yield from state_tensors(vars(value))
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> tuple[int, int]:

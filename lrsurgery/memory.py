@@ -18,7 +18,7 @@ in memory (it can overcount what the view itself needs). On CUDA the measured st
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -90,21 +90,28 @@ def grad_bytes(model: nn.Module) -> int:
     return _unique_bytes(p.grad for p in model.parameters() if p.grad is not None)
 
 
-def _tensors_in(value: Any) -> Iterable[torch.Tensor]:
-    """Every tensor inside a (possibly nested) dict, list or tuple of optimizer state."""
+def state_tensors(value: Any, _seen: set[int] | None = None) -> Iterator[torch.Tensor]:
+    """Every tensor in optimizer state: in dicts, lists, tuples, and in objects' attributes
+    (galore-torch keeps a projector object per weight whose basis is no state slot)."""
+    seen = set() if _seen is None else _seen
+    if id(value) in seen:
+        return
+    seen.add(id(value))
     if isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, dict):
         for item in value.values():
-            yield from _tensors_in(item)
+            yield from state_tensors(item, seen)
     elif isinstance(value, (list, tuple)):
         for item in value:
-            yield from _tensors_in(item)
+            yield from state_tensors(item, seen)
+    elif hasattr(value, "__dict__") and not isinstance(value, type):
+        yield from state_tensors(vars(value), seen)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of all tensors in ``optimizer.state`` (nested containers too), each storage once."""
-    return _unique_bytes(_tensors_in(list(optimizer.state.values())))
+    return _unique_bytes(state_tensors(list(optimizer.state.values())))
 
 
 class SavedTensorMeter:

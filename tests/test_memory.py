@@ -139,3 +139,16 @@ def test_measure_step_without_optimizer_and_with_checkpointing() -> None:
     assert report.activations == 8 * 16 * F32 + 8 * 4 * F32
     assert report.optimizer_state == 0
     assert report.grads == report.params
+
+
+def test_optimizer_state_bytes_counts_tensors_held_by_objects():
+    """galore-torch keeps its basis in a projector object inside the state: it must be counted."""
+    class Projector:
+        def __init__(self):
+            self.ortho_matrix = torch.zeros(8, 16)
+            self.me = self  # a cycle must not loop forever
+
+    p = torch.nn.Parameter(torch.zeros(16, 16))
+    opt = torch.optim.SGD([p], lr=0.1)
+    opt.state[p] = {"exp_avg": torch.zeros(8, 16), "projector": Projector()}
+    assert optimizer_state_bytes(opt) == 2 * 8 * 16 * 4

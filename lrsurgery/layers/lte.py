@@ -170,12 +170,9 @@ class LTELinear(nn.Module):
         else:
             self.lora_B.zero_()
 
-    def eject(self) -> nn.Module:
-        """The wrapped module with this layer's merged weight and bias (call ``merge()`` first to keep
-        the change since the last merge)."""
-        base = self.base_layer
-        base.weight, base.bias = self.weight, self.bias
-        return base
+    # The wrapped module with this layer's merged weight and bias, as LoRA's (call ``merge()`` first
+    # to keep the change since the last merge).
+    eject = LoRALinear.eject
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, heads={self.heads}, rank={self.rank}, "
