@@ -15,7 +15,7 @@ dotted names (a bare ``proj`` would also match ``patch_embed.proj``, a Conv2d).
     lora(all)  r=8 α=16   inject(method="lora", targets=all)                        LoraConfig(target_modules=all)
     velora(all) G=32      inject(method="velora", groups=32)  (full-rank weights)   — (PEFT has VeLoRA only on LoRA's A)
     lora+velora(all)      inject(method="lora", velora_groups=32)                   LoraConfig(..., velora_config=VeloraConfig(32))
-    lte(all) H=4 r=8      LTELinear(base, 8, 16, heads=4) via set_submodule         —
+    lte(all) H=4 r=8      inject(method="lte", heads=4, merge_every=1)               —
 
 Columns, each measured on the first training step of a freshly built model (same seed, same batch):
 saved activations (``lrsurgery.memory.measure_step``: storages autograd saves in the forward, each once,
@@ -48,11 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrsurgery.layers.lte import LTELinear
 from lrsurgery.memory import format_bytes, measure_step
 from lrsurgery.optim import OptimConfig, build_optimizer
-from lrsurgery.surgery import inject, set_submodule
-from lrsurgery.targets import resolve_targets
+from lrsurgery.surgery import inject
 
 MODEL = "vit_base_patch16_224"
 ALL = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
@@ -95,16 +93,6 @@ def ours(method: str, targets: list[str] | None = None, **kw: Any) -> Callable[[
     return apply
 
 
-def ours_lte(model: nn.Module) -> nn.Module:
-    """LTE is not in ``inject`` yet: freeze everything, wrap each target, train only the heads' factors."""
-    names = resolve_targets(model, ALL).matched
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in names:
-        set_submodule(model, name, LTELinear(model.get_submodule(name), RANK, ALPHA, heads=HEADS))
-    return model
-
-
 def peft_lora(targets: list[str], velora: bool = False) -> Callable[[nn.Module], nn.Module]:
     def apply(model: nn.Module) -> nn.Module:
         from peft import LoraConfig, get_peft_model
@@ -128,7 +116,7 @@ METHODS: list[tuple[str, str, str, Callable[[nn.Module], nn.Module]]] = [
     (f"lora(all) r=8 + velora(A) G={GROUPS}", "lora_velora_all", "ours",
      ours("lora", ALL, rank=RANK, alpha=ALPHA, velora_groups=GROUPS)),
     (f"lora(all) r=8 + velora(A) G={GROUPS}", "lora_velora_all", "peft", peft_lora(ALL, velora=True)),
-    (f"lte(all) H={HEADS} r=8", "lte_all", "ours", ours_lte),
+    (f"lte(all) H={HEADS} r=8", "lte_all", "ours", ours("lte", ALL, rank=RANK, alpha=ALPHA, heads=HEADS, merge_every=1)),
 ]
 
 

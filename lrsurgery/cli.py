@@ -13,7 +13,7 @@ import click
 
 from lrsurgery import __version__
 from lrsurgery.errors import LrsurgeryError
-from lrsurgery.report import adapter_summary, inspect_model, print_json, table
+from lrsurgery.report import adapter_summary, inspect_model, lineage_lines, print_json, rank_cell, table
 
 
 class Group(click.Group):
@@ -95,36 +95,49 @@ def inspect(model: str, weights: str | None, init: str, num_classes: int | None,
 @main.command()
 @click.argument("model")
 @model_options
-@click.option("--method", type=click.Choice(["lora", "full", "velora"]), default="lora", show_default=True,
+@click.option("--method", type=click.Choice(["lora", "full", "velora", "lte"]), default="lora", show_default=True,
               help="lora: low-rank adapters; full: train the modules in full; velora: train the targets in "
-                   "full with VeLoRA-compressed saved inputs.")
+                   "full with VeLoRA-compressed saved inputs; lte: H parallel LoRA heads merged every T steps.")
 @click.option("--groups", type=int, help="VeLoRA (--method velora): sub-tokens per token; must divide the width.")
 @click.option("--velora-groups", type=int, help="VeLoRA on LoRA's A branch (--method lora).")
+@click.option("--heads", type=int, help="LTE (--method lte): LoRA heads per layer; the batch is split over them.")
+@click.option("--merge-every", type=int, help="LTE: optimizer steps between merges of the heads into W.")
+@click.option("--lte-mode", type=click.Choice(["parallel", "multihead"]), default="parallel", show_default=True,
+              help="LTE: parallel = head h trains on the h-th batch chunk; multihead = every head sees the batch.")
+@click.option("--reset-optimizer", is_flag=True, help="LTE: zero the heads' optimizer state at each merge.")
 @click.option("--rank", "-r", type=int, default=8, show_default=True)
 @click.option("--alpha", type=float, help="LoRA alpha (scaling alpha/r). Default: 2·rank.")
 @click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(r) (rank-stabilized LoRA).")
 @click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout on the adapter branch.")
 @list_option("--targets", help="Modules to adapt (PEFT rules: name or .suffix; a regex; all-linear; preset).")
 @list_option("--train", help="Modules to train in full, e.g. head.")
+@click.option("--on", "on", multiple=True, type=click.Path(dir_okay=False),
+              help="Train on top of this adapter (folded into the base first); repeat for a chain, root first.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
 @click.option("--force", is_flag=True, help="Overwrite an existing run directory.")
 @click.option("--json", "as_json", is_flag=True)
 def inject(model: str, weights: str | None, init: str, num_classes: int | None, seed: int, method: str,
-           groups: int | None, velora_groups: int | None, rank: int,
+           groups: int | None, velora_groups: int | None, heads: int | None, merge_every: int | None,
+           lte_mode: str, reset_optimizer: bool, rank: int,
            alpha: float | None, rslora: bool, dropout: float, targets: tuple[str, ...], train: tuple[str, ...],
-           out: str, force: bool, as_json: bool) -> None:
+           on: tuple[str, ...], out: str, force: bool, as_json: bool) -> None:
     """Wrap MODEL's target layers with LoRA and write a run directory (adapter + recipe)."""
     from lrsurgery.run import create_run
     run, report = create_run(model, out, weights=weights, init=init, num_classes=num_classes, seed=seed,
                              method=method, rank=rank, alpha=2.0 * rank if alpha is None else alpha,
                              rslora=rslora, dropout=dropout, targets=targets_arg(targets),
-                             train=targets_arg(train), groups=groups, velora_groups=velora_groups, force=force)
+                             train=targets_arg(train), groups=groups, velora_groups=velora_groups, heads=heads,
+                             merge_every=merge_every, lte_mode=lte_mode, reset_optimizer=reset_optimizer,
+                             on=on, force=force)
     summary = {"run": str(run.path), "base": run.recipe["base"], "method": method,
                "targets": report.config.targets, "train": report.config.train,
-               "trainable_params": report.trainable_params, "total_params": report.total_params}
+               "trainable_params": report.trainable_params, "total_params": report.total_params,
+               **({"on": run.recipe["on"]} if on else {})}
     if as_json:
         return print_json(summary)
     click.echo(f"base: {run.recipe['base']['ref']} (weights: {run.recipe['base']['source']})")
+    for parent in run.recipe.get("on", []):
+        click.echo(f"on top of: {parent['name']} (id {parent['id'][:12]})")
     click.echo(f"{method}: {len(report.config.targets)} adapted modules, trained in full: "
                f"{', '.join(report.config.train) or 'none'}")
     click.echo(f"trainable parameters: {report.trainable_params:,} of {report.total_params:,} "
@@ -217,11 +230,13 @@ def train_cmd(run_dir: str, data: str, epochs: int, steps: int | None, batch_siz
 @click.option("--rank", "-r", type=int, help="Keep R singular values per module.")
 @click.option("--energy", type=float, help="Keep the fewest singular values holding this fraction of Σσ².")
 @list_option("--targets", help="Modules to extract (default: the family preset).")
+@click.option("--keep-heads", is_flag=True, help="LTE runs: keep the heads (to continue training) beside the "
+              "dense change.")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Adapter file to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out.")
 @click.option("--json", "as_json", is_flag=True)
 def extract(run_dir: str | None, base: str | None, tuned: str | None, rank: int | None, energy: float | None,
-            targets: tuple[str, ...], out: str, force: bool, as_json: bool) -> None:
+            keep_heads: bool, targets: tuple[str, ...], out: str, force: bool, as_json: bool) -> None:
     """Write an adapter file: from RUN_DIR (by SVD of its change with --rank/--energy), or by SVD of
     (--tuned − --base)."""
     from lrsurgery.ops.extract import extract_from_run, extract_models
@@ -229,7 +244,7 @@ def extract(run_dir: str | None, base: str | None, tuned: str | None, rank: int 
         if base or tuned:
             raise click.UsageError("give either RUN_DIR or --base/--tuned, not both")
         path, stats = extract_from_run(run_dir, out, force=force, rank=rank, energy=energy,
-                                       targets=targets_arg(targets))
+                                       targets=targets_arg(targets), keep_heads=keep_heads)
         if not stats:
             summary = adapter_summary(path)
             return print_json(summary) if as_json else click.echo(f"wrote {path} ({summary['file_bytes']:,} bytes)")
@@ -252,14 +267,129 @@ def extract(run_dir: str | None, base: str | None, tuned: str | None, rank: int 
 @click.option("-o", "--out", required=True, type=click.Path(), help="Merged model: a directory, or FILE.safetensors.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Weights file for timm:NAME.")
 @click.option("--force", is_flag=True, help="Overwrite --out, and merge despite a base-hash mismatch (warns).")
+@click.option("--stream/--in-memory", default=None,
+              help="Default: stream safetensors checkpoints (file, directory, shards, hf: snapshot) tensor by "
+                   "tensor, build the model otherwise. --in-memory always builds it.")
 @click.option("--json", "as_json", is_flag=True)
-def merge(model: str, adapter: str, out: str, weights: str | None, force: bool, as_json: bool) -> None:
+def merge(model: str, adapter: str, out: str, weights: str | None, force: bool, stream: bool | None,
+          as_json: bool) -> None:
     """Fold ADAPTER into MODEL and save the merged model in the base's own layout."""
     from lrsurgery.ops.merge import merge_files
-    path = merge_files(model, adapter, out, weights=weights, force=force, force_base=force)
+    path = merge_files(model, adapter, out, weights=weights, force=force, force_base=force, stream=stream)
     if as_json:
         return print_json({"merged": str(path)})
     click.echo(f"merged {adapter} into {model} → {path}")
+
+
+@main.command()
+@click.argument("model")
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(),
+              help="Stacked adapter file; with --merge, the merged model (a directory, or FILE.safetensors).")
+@click.option("--merge", "merge_", is_flag=True, help="Save MODEL with the whole stack folded in.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Weights file for timm:NAME.")
+@click.option("--force", is_flag=True, help="Overwrite --out, and stack despite a base or lineage mismatch (warns).")
+@click.option("--json", "as_json", is_flag=True)
+def stack(model: str, adapters: tuple[str, ...], out: str, merge_: bool, weights: str | None, force: bool,
+          as_json: bool) -> None:
+    """Apply ADAPTERS to MODEL in order (each must have been trained on the ones before it): write one
+    adapter holding the stack, or the merged model."""
+    from lrsurgery.ops.stack import stack_files
+    result = stack_files(model, adapters, out, merge=merge_, weights=weights, force=force)
+    if as_json:
+        return print_json(result.as_dict())
+    table(f"stack of {len(result.adapter.meta['layers'])} adapters on {model} → {result.path}"
+          + (" (merged model)" if result.merged else ""), ["layer", "adapter", "id", "method", "ranks"],
+          [[i, x["name"], x["id"][:12], x.get("method", ""), ", ".join(map(str, x.get("ranks", [])))]
+           for i, x in enumerate(result.adapter.meta["layers"])])
+    summary = result.as_dict()
+    click.echo(f"{summary['modules']['lora']} LoRA, {summary['modules']['full']} full"
+               + (f", {summary['modules']['delta']} dense" if summary['modules']['delta'] else "")
+               + f" modules; {summary['parameters']:,} parameters")
+
+
+@main.command("combine")
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--mode", type=click.Choice(["cat", "linear", "svd", "mean"]), default="cat", show_default=True,
+              help="cat: exact weighted sum (ranks add); linear: its SVD at the largest input rank (or --rank); "
+                   "svd: its SVD at --rank or --energy; mean: federated average (exact, or SVD with --rank/--energy).")
+@click.option("--weights", help="One weight per adapter, comma-separated, e.g. 0.5,-1 (default: 1 each; mean: "
+                                "1/n, and mean scales the weights to sum to 1).")
+@click.option("--rank", "-r", type=int, help="SVD modes: rank per module.")
+@click.option("--energy", type=float, help="svd/mean: keep the fewest singular values holding this fraction of Σσ².")
+@click.option("--drop-full", is_flag=True, help="Leave modules trained in full (e.g. heads) out of the result.")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Adapter file to write.")
+@click.option("--force", is_flag=True, help="Overwrite --out.")
+@click.option("--json", "as_json", is_flag=True)
+def combine_cmd(adapters: tuple[str, ...], mode: str, weights: str | None, rank: int | None, energy: float | None,
+                drop_full: bool, out: str, force: bool, as_json: bool) -> None:
+    """Combine ADAPTERS made on one base into one adapter: ΔW = Σ wᵢ ΔWᵢ, exact (cat, mean) or by SVD."""
+    from lrsurgery.ops.combine import combine_files
+    try:
+        parsed = [float(x) for x in weights.split(",")] if weights else None
+    except ValueError:
+        raise click.BadParameter(f"{weights!r} is not a comma-separated list of numbers", param_hint="--weights")
+    result = combine_files(adapters, out, weights=parsed, mode=mode, rank=rank, energy=energy,
+                           drop_full=drop_full, force=force)
+    if as_json:
+        return print_json(result.as_dict())
+    table(f"combine ({mode}, weights {', '.join(f'{x:g}' for x in result.weights)}) → {result.path}",
+          ["module", "kind", "input ranks", "rank", "retained energy", "‖error‖_F"],
+          [[m.name or "(whole model)", m.kind, " + ".join("–" if r is None else str(r) for r in m.input_ranks)
+            if m.kind != "full" else "", "" if m.rank is None else m.rank,
+            "exact" if result.exact or m.kind == "full" else f"{m.energy:.4%}",
+            "" if result.exact or m.kind == "full" else f"{m.error:.3e}"] for m in result.modules])
+
+
+@main.command()
+@click.argument("source", type=click.Path())
+@click.option("--to", "to_format", type=click.Choice(["peft"]),
+              help="SOURCE is an adapter file; write a PEFT directory.")
+@click.option("--from", "from_format", type=click.Choice(["peft"]),
+              help="SOURCE is a PEFT LoRA directory; write an adapter file.")
+@click.option("--base", help="--from: the base model (default: adapter_config.json's base_model_name_or_path).")
+@model_options
+@click.option("-o", "--out", required=True, type=click.Path(), help="--to: directory to write; --from: adapter file.")
+@click.option("--force", is_flag=True, help="Overwrite --out.")
+@click.option("--json", "as_json", is_flag=True)
+def convert(source: str, to_format: str | None, from_format: str | None, base: str | None, weights: str | None,
+            init: str, num_classes: int | None, seed: int, out: str, force: bool, as_json: bool) -> None:
+    """Convert adapters: --to peft ADAPTER -o DIR, or --from peft DIR -o ADAPTER [--base MODEL]."""
+    import json
+    from pathlib import Path
+
+    from lrsurgery import format as fmt
+    from lrsurgery.errors import OutputExistsError
+    from lrsurgery.ops.peft import CONFIG_FILE, from_peft, to_peft
+    if bool(to_format) == bool(from_format):
+        raise click.UsageError("give exactly one of --to peft or --from peft")
+    if to_format:
+        if base or weights:
+            raise click.UsageError("--base/--weights are for --from peft (the PEFT adapter's base model)")
+        path = to_peft(source, out, force=force)
+        config = json.loads((path / CONFIG_FILE).read_text())
+        summary = {"peft_dir": str(path), "lora_modules": len(config["target_modules"]),
+                   "modules_to_save": config["modules_to_save"] or [], "adapter_config": config}
+        if as_json:
+            return print_json(summary)
+        others = len(config["rank_pattern"])
+        click.echo(f"wrote {path}: {summary['lora_modules']} LoRA modules (r={config['r']}, lora_alpha="
+                   f"{config['lora_alpha']}{', rsLoRA' if config['use_rslora'] else ''}"
+                   f"{f', {others} at other ranks' if others else ''}), "
+                   f"modules_to_save: {', '.join(summary['modules_to_save']) or 'none'}")
+        return click.echo(f"load it with: PeftModel.from_pretrained(base_model, {str(path)!r})")
+    if Path(out).exists() and not force:  # before loading the base, which can take long
+        raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
+    adapter = from_peft(source, base, weights=weights, init=init, num_classes=num_classes, seed=seed)
+    summary = adapter_summary(fmt.write(out, adapter, force=force))
+    if as_json:
+        return print_json(summary)
+    kinds = [m["kind"] for m in summary["modules"]]
+    click.echo(f"wrote {out}: {kinds.count('lora')} LoRA and {kinds.count('full')} full modules from {source}; "
+               f"base {summary['base'].get('ref')}")
+    table(None, ["module", "kind", "rank", "alpha", "scaling", "shape"],
+          [[m["name"], m["kind"], *("" if m.get(k) is None else f"{m[k]:g}" for k in ("rank", "alpha", "scaling")),
+            m["shape"]] for m in summary["modules"]])
 
 
 @main.command()
@@ -279,10 +409,40 @@ def show(adapter: str, as_json: bool) -> None:
     prov = summary.get("provenance", {})
     if prov:
         click.echo("provenance: " + ", ".join(f"{k}={v}" for k, v in prov.items() if not isinstance(v, dict)))
+    for line in lineage_lines(summary):
+        click.echo(line)
     table(None, ["module", "kind", "rank", "alpha", "scaling", "shape", "params"],
-          [[m["name"], m["kind"], *("" if m.get(k) is None else m[k] for k in ("rank", "alpha", "scaling")),
+          [[m["name"], m["kind"], rank_cell(m), *("" if m.get(k) is None else m[k] for k in ("alpha", "scaling")),
             m["shape"], f"{m['params']:,}"]
            for m in summary["modules"]])
+
+
+@main.command()
+@click.argument("adapter", type=click.Path(exists=True))
+@click.argument("repo_id")
+@click.option("--revision", help="Branch to push to (created if missing). Default: main.")
+@click.option("--private", is_flag=True, help="Create the repository private (an existing one keeps its visibility).")
+@click.option("-m", "--message", help="Commit message. Default: names the method, base and lrsurgery version.")
+@click.option("--dry-run", "dry_run", type=click.Path(file_okay=False),
+              help="Write the files that would be uploaded to DIR instead; no network, no login.")
+@click.option("--force", is_flag=True, help="Overwrite files in the --dry-run DIR.")
+@click.option("--json", "as_json", is_flag=True)
+def push(adapter: str, repo_id: str, revision: str | None, private: bool, message: str | None, dry_run: str | None,
+         force: bool, as_json: bool) -> None:
+    """Upload ADAPTER (a file, or a run directory's adapter) to the hub repo REPO_ID (ORG/NAME) with a model card."""
+    from lrsurgery.hub import plan_push, upload, write_plan
+    plan = plan_push(adapter, repo_id, revision=revision, message=message)
+    where = {"dry_run": str(write_plan(plan, dry_run, force=force))} if dry_run else \
+        {"url": upload(plan, private=private)}
+    summary = {"repo": plan.repo_id, "revision": plan.revision or "main", "files": plan.files,
+               "commit_message": plan.message, **where}
+    if as_json:
+        return print_json(summary)
+    target = f"{plan.repo_id}@{summary['revision']}"
+    if dry_run:
+        click.echo(f"dry run: wrote {', '.join(plan.files)} to {dry_run} (would push to {target}: {plan.message!r})")
+    else:
+        click.echo(f"pushed {', '.join(plan.files)} to {target} → {summary['url']}")
 
 
 @main.command()

@@ -7,7 +7,10 @@ shapes, finite values). Checks against a model's base weights live in ``lrsurger
     __metadata__ = {"format": "lrsurgery.adapter", "format_version": "1", "adapter": "<JSON>"}
     tensors      = {"<module>.lora_A": [r, in], "<module>.lora_B": [out, r],   # kind "lora"
                     "<module>.lora_bias": [out]                                 # optional Δb
-                    "<module>.<param>": full tensor}                          # kind "full"
+                    "<module>.<param>": full tensor,                          # kind "full"
+                    "<module>.delta": ΔW as stored ([out, in]; [in, out] Conv1D)  # kind "delta" (LTE)
+                    "<module>.lte_A": [H, r, in], "<module>.lte_B": [H, out, r]  # optional LTE heads
+                    "<module>.velora_v": [D/G]}                                # optional VeLoRA vector
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from lrsurgery.errors import AdapterFormatError, OutputExistsError, ShapeMismatc
 
 FORMAT = "lrsurgery.adapter"
 FORMAT_VERSION = 1
-KINDS = ("lora", "full")
+KINDS = ("lora", "full", "delta")
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float64, torch.float32, torch.float16, torch.bfloat16,
@@ -99,17 +102,27 @@ def tensor_key(module: str, param: str) -> str:
 def expected_tensors(name: str, entry: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes that module entry ``entry`` requires in the file."""
     kind = entry.get("kind")
+    shapes: dict[str, tuple[int, ...]]
     if kind == "lora":
         r, n_in, n_out = entry["rank"], entry["in_features"], entry["out_features"]
         shapes = {f"{name}.lora_A": (r, n_in), f"{name}.lora_B": (n_out, r)}
         if entry.get("bias"):  # optional Δb, added to the base bias (PEFT's lora_bias)
             shapes[f"{name}.lora_bias"] = (n_out,)
-        return shapes
-    if kind == "full":
-        return {tensor_key(name, p): tuple(rec["shape"]) for p, rec in entry["tensors"].items()}
-    raise AdapterFormatError(
-        f"module {name!r} has unknown kind {kind!r} (this lrsurgery knows {', '.join(KINDS)}); "
-        "the file may come from a newer lrsurgery: pip install -U lrsurgery")
+    elif kind == "full":
+        shapes = {tensor_key(name, p): tuple(rec["shape"]) for p, rec in entry["tensors"].items()}
+    elif kind == "delta":
+        n_in, n_out = entry["in_features"], entry["out_features"]
+        shapes = {f"{name}.delta": (n_in, n_out) if entry["fan_in_fan_out"] else (n_out, n_in)}
+        if entry.get("lte"):  # the heads, kept so that training can resume
+            h, r = entry["lte"]["heads"], entry["lte"]["rank"]
+            shapes.update({f"{name}.lte_A": (h, r, n_in), f"{name}.lte_B": (h, n_out, r)})
+    else:
+        raise AdapterFormatError(
+            f"module {name!r} has unknown kind {kind!r} (this lrsurgery knows {', '.join(KINDS)}); "
+            "the file may come from a newer lrsurgery: pip install -U lrsurgery")
+    if entry.get("velora"):  # VeLoRA's projection vector v (needed to continue training, not to infer)
+        shapes[tensor_key(name, "velora_v")] = (entry["velora"]["group_dim"],)
+    return shapes
 
 
 def validate(tensors: dict[str, torch.Tensor], meta: dict[str, Any], where: str = "adapter") -> None:
@@ -150,6 +163,7 @@ def validate(tensors: dict[str, torch.Tensor], meta: dict[str, Any], where: str 
 def _check_entry(name: str, entry: Any, where: str) -> None:
     if not isinstance(entry, dict) or "kind" not in entry:
         raise AdapterFormatError(f"{where}: module {name!r} has no 'kind'")
+    _check_velora(name, entry, where)
     if entry["kind"] == "lora":
         if not name:
             raise AdapterFormatError(f"{where}: a LoRA entry must name a module (the root '' holds full entries only)")
@@ -167,6 +181,20 @@ def _check_entry(name: str, entry: Any, where: str) -> None:
         rec = entry["base_tensors"].get("weight") if isinstance(entry["base_tensors"], dict) else None
         if not isinstance(rec, dict) or not {"sha256", "shape", "dtype"} <= set(rec):
             raise AdapterFormatError(f"{where}: LoRA module {name!r} lacks the base weight record (sha256, shape, dtype)")
+    elif entry["kind"] == "delta":
+        for key in ("in_features", "out_features", "fan_in_fan_out", "base_tensors"):
+            if key not in entry:
+                raise AdapterFormatError(f"{where}: delta module {name!r} lacks {key!r}")
+        for key in ("in_features", "out_features"):
+            if not _is_int(entry[key]) or entry[key] < 1:
+                raise AdapterFormatError(f"{where}: delta module {name!r} has invalid {key} {entry[key]!r}")
+        rec = entry["base_tensors"].get("weight") if isinstance(entry["base_tensors"], dict) else None
+        if not isinstance(rec, dict) or not {"sha256", "shape", "dtype"} <= set(rec):
+            raise AdapterFormatError(f"{where}: delta module {name!r} lacks the base weight record (sha256, shape, dtype)")
+        lte = entry.get("lte")
+        if lte is not None and (not isinstance(lte, dict) or not all(_is_int(lte.get(k)) and lte[k] >= 1
+                                                                    for k in ("heads", "rank"))):
+            raise AdapterFormatError(f"{where}: delta module {name!r}: 'lte' needs integer heads and rank ≥ 1")
     elif entry["kind"] == "full":
         if not isinstance(entry.get("tensors"), dict) or not entry["tensors"]:
             raise AdapterFormatError(f"{where}: full module {name!r} lists no tensors")
@@ -174,6 +202,13 @@ def _check_entry(name: str, entry: Any, where: str) -> None:
             if not isinstance(rec, dict) or not isinstance(rec.get("shape"), list) or \
                     not all(_is_int(d) and d >= 0 for d in rec["shape"]):
                 raise AdapterFormatError(f"{where}: full module {name!r}: tensor {p!r} has no valid shape")
+
+
+def _check_velora(name: str, entry: dict[str, Any], where: str) -> None:
+    velora = entry.get("velora")
+    if velora is not None and (not isinstance(velora, dict) or not all(
+            _is_int(velora.get(k)) and velora[k] >= 1 for k in ("groups", "group_dim"))):
+        raise AdapterFormatError(f"{where}: module {name!r}: 'velora' needs integer groups and group_dim ≥ 1")
 
 
 def _is_int(x: Any) -> bool:
@@ -245,8 +280,8 @@ def _raw_metadata(path: Path) -> dict[str, str]:
     if not path.exists():
         raise AdapterFormatError(f"{path}: no such file; check the path")
     if path.is_dir():
-        hint = (" (it looks like a PEFT adapter directory; importing PEFT adapters is not available yet — "
-                "planned as `lrsurgery convert --from peft`)") \
+        hint = (" (it looks like a PEFT adapter directory; import it with "
+                f"`lrsurgery convert --from peft {path} -o ADAPTER`)") \
             if (path / "adapter_config.json").exists() else ""
         raise AdapterFormatError(f"{path} is a directory, not an adapter file{hint}")
     try:
@@ -261,7 +296,7 @@ def _decode_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
     if raw.get("format") != FORMAT:
         raise AdapterFormatError(
             f"{path}: not an lrsurgery adapter (metadata 'format' is {raw.get('format')!r}, expected {FORMAT!r}); "
-            "PEFT adapters cannot be imported yet (planned: `lrsurgery convert --from peft`)")
+            "a PEFT adapter directory is imported with `lrsurgery convert --from peft DIR -o ADAPTER`")
     version = raw.get("format_version")
     if not isinstance(version, str) or not re.fullmatch(r"[1-9][0-9]*", version):
         raise AdapterFormatError(f"{path}: invalid format_version {version!r}; the file is corrupt")

@@ -12,6 +12,7 @@ from rich.table import Table
 from torch import nn
 
 from lrsurgery import format as fmt
+from lrsurgery import lineage
 from lrsurgery.errors import TargetError
 from lrsurgery.layers.lora import is_linear, linear_shape
 from lrsurgery.memory import format_bytes, lora_estimate
@@ -71,18 +72,51 @@ def inspect_model(model: nn.Module, targets: TargetSpec, rank: int) -> dict[str,
 
 
 def adapter_summary(path: str | Path) -> dict[str, Any]:
-    """Read (and so validate) an adapter file and describe it module by module."""
+    """Read (and so validate) an adapter file and describe it module by module, with its lineage."""
     adapter = fmt.read(path)
-    modules = []
-    for name, e in adapter.modules.items():
-        if e["kind"] == "lora":
-            shape, params = f"{e['out_features']}×{e['in_features']}", e["rank"] * (e["in_features"] + e["out_features"])
-        else:
-            shapes = fmt.expected_tensors(name, e)
-            shape = ", ".join("×".join(map(str, s)) for s in shapes.values())
-            params = sum(math.prod(s) for s in shapes.values())
-        modules.append({"name": name or "(whole model)", "kind": e["kind"], "rank": e.get("rank"),
-                        "alpha": e.get("alpha"), "scaling": e.get("scaling"), "shape": shape, "params": params})
+    modules = [_module_summary(name, e) for name, e in adapter.modules.items()]
     return {"path": str(path), "format_version": fmt.FORMAT_VERSION, "valid": True, "base": adapter.meta["base"],
             "method": adapter.meta.get("method"), "provenance": adapter.meta.get("provenance", {}),
+            "id": lineage.adapter_id(adapter), "parents": lineage.parents(adapter), "layers": lineage.layers(adapter),
             "num_parameters": adapter.num_parameters(), "file_bytes": Path(path).stat().st_size, "modules": modules}
+
+
+def _module_summary(name: str, e: dict[str, Any]) -> dict[str, Any]:
+    """One row of ``show``: rank/alpha/scaling of a LoRA entry, or of an LTE ``delta`` entry's heads (``lte``)."""
+    row = {"name": name or "(whole model)", "kind": e["kind"], "rank": e.get("rank"), "alpha": e.get("alpha"),
+           "scaling": e.get("scaling")}
+    if e["kind"] == "lora":
+        row["shape"] = f"{e['out_features']}×{e['in_features']}"
+        row["params"] = e["rank"] * (e["in_features"] + e["out_features"])
+        return row
+    shapes = fmt.expected_tensors(name, e)
+    row["params"] = sum(math.prod(s) for s in shapes.values())
+    if e["kind"] == "delta":  # a dense ΔW has no rank of its own; its LTE heads (if kept) have H × r
+        row["shape"] = f"{e['out_features']}×{e['in_features']}"
+        lte = e.get("lte")
+        if lte:
+            row.update(lte=lte, alpha=lte["alpha"], scaling=lte["alpha"] / lte["rank"])  # LTE: s = alpha / r
+    else:
+        row["shape"] = ", ".join("×".join(map(str, s)) for s in shapes.values())
+    return row
+
+
+def rank_cell(module: dict[str, Any]) -> str:
+    """The rank column of ``show``: r for LoRA, "H×r heads" for an LTE delta with its heads, else empty."""
+    if module.get("lte"):
+        return f"{module['lte']['heads']}×{module['lte']['rank']} heads"
+    return "" if module.get("rank") is None else str(module["rank"])
+
+
+def lineage_lines(summary: dict[str, Any]) -> list[str]:
+    """``show``'s lines for an adapter's parents (root first) and a stack file's layers (in order); none for a root."""
+    lines = []
+    if summary["parents"]:
+        lines.append("parents (root first): " + " → ".join(
+            f"{p.get('name', '?')} (id {lineage.short_id(p['id'])})" for p in summary["parents"]))
+    if summary["layers"]:
+        lines.append("layers (applied in order): " + " → ".join(
+            f"{x.get('name', '?')} (id {lineage.short_id(x['id'])}, {x.get('method', '?')}"
+            + (f", rank {', '.join(map(str, x['ranks']))}" if x.get("ranks") else "") + ")"
+            for x in summary["layers"]))
+    return lines

@@ -13,12 +13,13 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from lrsurgery.adapter import apply_adapter, save_adapter
+from lrsurgery import lineage
+from lrsurgery.adapter import apply_adapter, load_adapter, save_adapter
 from lrsurgery.errors import LrsurgeryError, OutputExistsError
 from lrsurgery.format import atomic_write
 from lrsurgery.models import base_info, input_config, load_model, model_dir
@@ -44,22 +45,46 @@ def create_run(model_ref: str, out: str | os.PathLike, *, weights: str | None = 
                num_classes: int | None = None, seed: int = 0, method: str = "lora", rank: int = 8,
                alpha: float | None = None, rslora: bool = False, dropout: float = 0.0,
                targets: TargetSpec = None, train: TargetSpec = None, groups: int | None = None,
-               velora_groups: int | None = None, force: bool = False) -> tuple[Run, InjectReport]:
-    """Load the base, inject, and write a run directory with the initialized adapter and the recipe."""
+               velora_groups: int | None = None, heads: int | None = None, merge_every: int | None = None,
+               lte_mode: str = "parallel", reset_optimizer: bool = False,
+               on: Sequence[str | os.PathLike] = (), force: bool = False) -> tuple[Run, InjectReport]:
+    """Load the base, inject, and write a run directory with the initialized adapter and the recipe.
+
+    ``on`` lists adapters to train on top of, root first: they are folded into the base in order
+    (each checked against the base and the ones before it), and the new adapter records them as parents.
+    """
     out = Path(out)
     if (out / RECIPE).exists() and not force:
         raise OutputExistsError(f"{out} already holds a run; pass --force to overwrite it or choose another -o")
-    model = load_model(model_ref, weights=weights, init=init, num_classes=num_classes, seed=seed)
-    if train is None and num_classes is not None and method in ("lora", "velora"):
+    parents = [load_adapter(p) for p in on]
+    load = {"weights": weights, "init": init, "num_classes": num_classes, "seed": seed}
+    if parents:  # the base the parents were made on (weights file, head size, init seed), unless told otherwise
+        from lrsurgery.ops.stack import base_load_kwargs
+        base = parents[0].meta["base"]
+        inherited = base_load_kwargs(model_ref, base, weights=weights)
+        load.update(weights=inherited["weights"], init=inherited["init"] if init == "pretrained" else init,
+                    num_classes=inherited["num_classes"] if num_classes is None else num_classes)
+        if base.get("init_seed") is not None:
+            load["seed"] = base["init_seed"]
+    model = load_model(model_ref, **load)
+    if parents:
+        from lrsurgery.ops.stack import apply_stack
+        apply_stack(model, parents)
+    if train is None and num_classes is not None and method in ("lora", "velora", "lte"):
         train = sorted(head_names(model))  # a new head must be trained in full
     with torch.random.fork_rng(devices=[]):  # the initial adapter is a function of the seed
         torch.manual_seed(seed)
         report = inject(model, method=method, rank=rank, alpha=alpha, targets=targets, train=train,
-                        dropout=dropout, rslora=rslora, groups=groups, velora_groups=velora_groups)
+                        dropout=dropout, rslora=rslora, groups=groups, velora_groups=velora_groups, heads=heads,
+                        merge_every=merge_every, lte_mode=lte_mode, reset_optimizer=reset_optimizer)
+    lineage.pin_records(model)
     info = base_info(model)
     recipe = {"base": info.as_dict(), "load": {"ref": info.ref, **info.load_kwargs()},
               "inject": {**report.config.as_dict(), "target_spec": targets, "train_spec": train},
               "seed": seed, "sessions": []}
+    if parents:  # open_run rebuilds the same stack from these files, and checks they did not change
+        recipe["on"] = [{"path": getattr(a, "source", None) or str(Path(p).resolve()), "id": lineage.adapter_id(a),
+                         "name": lineage.adapter_name(a)} for p, a in zip(on, parents)]
     out.mkdir(parents=True, exist_ok=True)
     if (out / METRICS).exists():
         (out / METRICS).unlink()
@@ -80,13 +105,32 @@ def open_run(run_dir: str | os.PathLike) -> Run:
     recipe = json.loads((run_dir / RECIPE).read_text())
     load = dict(recipe["load"])
     model = load_model(load.pop("ref"), **load)
+    _fold_parents(model, run_dir, recipe.get("on", []))
     cfg = recipe["inject"]
-    if cfg["method"] in ("lora", "velora"):
+    if cfg["method"] in ("lora", "velora", "lte"):
         inject(model, method=cfg["method"], rank=cfg["rank"] or 8, alpha=cfg["alpha"], targets=cfg["targets"],
                train=cfg["train"] or None, dropout=cfg["dropout"], rslora=cfg["rslora"], groups=cfg.get("groups"),
-               velora_groups=cfg.get("velora_groups"))
+               velora_groups=cfg.get("velora_groups"), heads=cfg.get("heads"), merge_every=cfg.get("merge_every"),
+               lte_mode=cfg.get("lte_mode") or "parallel", reset_optimizer=cfg.get("reset_optimizer", False))
+    lineage.pin_records(model)
     apply_adapter(model, run_dir / ADAPTER, trainable=True)
     return Run(run_dir, recipe, model)
+
+
+def _fold_parents(model: nn.Module, run_dir: Path, on: list[dict[str, Any]]) -> None:
+    """Fold the adapters a run was created on into its base, refusing any that is missing or changed."""
+    from lrsurgery.ops.stack import fold_adapter
+    for parent in on:
+        path = parent["path"]  # a file, or a pinned hub reference hf:ORG/NAME@COMMIT[:FILE]
+        if not path.startswith("hf:") and not Path(path).is_file():
+            raise LrsurgeryError(f"{run_dir} was trained on top of {path}, which no longer exists; put it back "
+                                 f"(adapter id {lineage.short_id(parent['id'])})")
+        adapter = load_adapter(path)
+        if lineage.adapter_id(adapter) != parent["id"]:
+            raise LrsurgeryError(f"{path} changed since {run_dir} was created on top of it (id "
+                                 f"{lineage.short_id(lineage.adapter_id(adapter))}, expected "
+                                 f"{lineage.short_id(parent['id'])}); restore the original file")
+        fold_adapter(model, adapter)
 
 
 def train_run(run_dir: str | os.PathLike, data: str, config: TrainConfig, *, max_length: int = 128,

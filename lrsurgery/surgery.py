@@ -16,7 +16,7 @@ from lrsurgery.errors import LrsurgeryError, TargetError
 from lrsurgery.layers.lora import LoRALinear
 from lrsurgery.targets import TargetReport, TargetSpec, resolve_targets, resolve_train
 
-METHODS = ("lora", "full", "velora")
+METHODS = ("lora", "full", "velora", "lte")
 
 
 @dataclass
@@ -32,6 +32,10 @@ class AdapterConfig:
     train: list[str] = field(default_factory=list)     # modules trained in full
     groups: int | None = None          # VeLoRA sub-token groups (method "velora")
     velora_groups: int | None = None   # VeLoRA on LoRA's A branch (method "lora")
+    heads: int | None = None           # LTE: LoRA heads per layer (method "lte")
+    merge_every: int | None = None     # LTE: optimizer steps between merges
+    lte_mode: str | None = None        # LTE: "parallel" (batch split over heads) or "multihead"
+    reset_optimizer: bool = False      # LTE: zero the heads' optimizer state at each merge
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,7 +68,8 @@ def adapter_config(model: nn.Module) -> AdapterConfig | None:
 def inject(model: nn.Module, method: str = "lora", rank: int = 8, alpha: float | None = None,
            targets: TargetSpec = None, train: TargetSpec = None, dropout: float = 0.0, rslora: bool = False,
            adapter_dtype: torch.dtype | None = None, groups: int | None = None,
-           velora_groups: int | None = None) -> InjectReport:
+           velora_groups: int | None = None, heads: int | None = None, merge_every: int | None = None,
+           lte_mode: str = "parallel", reset_optimizer: bool = False) -> InjectReport:
     """Freeze ``model`` and wrap its target Linear/Conv1D layers with LoRA, in place.
 
     ``alpha`` defaults to ``rank`` (scaling 1). ``targets`` follows PEFT's rules (see
@@ -72,6 +77,8 @@ def inject(model: nn.Module, method: str = "lora", rank: int = 8, alpha: float |
     ``method="full"`` adds no adapter: it trains the ``train`` modules, by default the whole model.
     ``method="velora"`` trains the target layers in full with VeLoRA-compressed saved inputs
     (``groups`` sub-tokens per token); ``velora_groups`` applies VeLoRA to LoRA's A branch.
+    ``method="lte"`` wraps the targets with ``heads`` LoRA heads of ``rank`` each, merged into W every
+    ``merge_every`` optimizer steps by the trainer; the ``train`` modules become per-head replicas.
     """
     if method not in METHODS:
         raise LrsurgeryError(f"unknown method {method!r}; this version knows: {', '.join(METHODS)}")
@@ -84,6 +91,11 @@ def inject(model: nn.Module, method: str = "lora", rank: int = 8, alpha: float |
     alpha = float(rank if alpha is None else alpha)
     if method == "velora" and not groups:
         raise LrsurgeryError("--method velora needs --groups G (sub-tokens per token; G must divide the width)")
+    if method == "lte":
+        if not heads or heads < 1 or not merge_every or merge_every < 1:
+            raise LrsurgeryError("--method lte needs --heads H ≥ 1 and --merge-every T ≥ 1 (steps between merges)")
+        from lrsurgery.layers.lte import _mode
+        lte_mode = _mode(lte_mode)
     if method == "full":
         train_names = resolve_train(model, train) if train else [""]  # "" = the whole model
         report = None
@@ -94,22 +106,32 @@ def inject(model: nn.Module, method: str = "lora", rank: int = 8, alpha: float |
         p.requires_grad_(False)
     for name in (report.matched if report else []):
         set_submodule(model, name, _wrap(model.get_submodule(name), method, rank, alpha, dropout, rslora,
-                                         adapter_dtype, groups, velora_groups))
+                                         adapter_dtype, groups, velora_groups, heads, lte_mode))
     for name in train_names:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
-    lora = method == "lora"
-    config = AdapterConfig(method, rank if lora else 0, alpha if lora else 0.0, rslora, dropout,
+        if method == "lte":  # each head trains its own copy; merges average them
+            from lrsurgery.layers.lte import HeadReplicas
+            set_submodule(model, name, HeadReplicas(model.get_submodule(name), heads))
+    lora, lte = method == "lora", method == "lte"
+    config = AdapterConfig(method, rank if lora or lte else 0, alpha if lora or lte else 0.0, rslora, dropout,
                            list(report.matched) if report else [], train_names, groups if method == "velora" else None,
-                           velora_groups if lora else None)
+                           velora_groups if lora else None, heads if lte else None, merge_every if lte else None,
+                           lte_mode if lte else None, reset_optimizer if lte else False)
     model.lrsurgery_adapter = config
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return InjectReport(config, report, trainable, sum(p.numel() for p in model.parameters()))
 
 
 def _wrap(base: nn.Module, method: str, rank: int, alpha: float, dropout: float, rslora: bool,
-          adapter_dtype: torch.dtype | None, groups: int | None, velora_groups: int | None) -> nn.Module:
+          adapter_dtype: torch.dtype | None, groups: int | None, velora_groups: int | None,
+          heads: int | None = None, lte_mode: str = "parallel") -> nn.Module:
     """The low-rank layer that replaces one target module."""
+    if method == "lte":
+        from lrsurgery.layers.lte import LTELinear
+        layer = LTELinear(base, rank, alpha, heads, lte_mode, adapter_dtype)
+        layer.initial_weight = base.weight.detach().clone()  # the merged change is measured from it
+        return layer
     if method == "velora":
         from lrsurgery.layers.velora import VeLoRALinear
         layer = VeLoRALinear(base, groups)
@@ -129,6 +151,16 @@ def velora_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, VeLoRALinear)}
 
 
+def lte_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every ``LTELinear`` and ``HeadReplicas`` (outermost only) in the model, by full module name."""
+    from lrsurgery.layers.lte import HeadReplicas, LTELinear
+    found: dict[str, nn.Module] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, (LTELinear, HeadReplicas)) and not any(n.startswith(f"{k}.") for k in found):
+            found[n] = m
+    return found
+
+
 def wrap_module(model: nn.Module, name: str, rank: int, alpha: float, rslora: bool = False,
                 dropout: float = 0.0) -> LoRALinear:
     """Wrap one named module with LoRA (used when applying an adapter file module by module)."""
@@ -141,6 +173,11 @@ def eject(model: nn.Module, merge: bool = False, names: Iterable[str] | None = N
     """Put the plain modules back, folding the adapters in first when ``merge``; returns the names."""
     for name, layer in velora_modules(model).items():  # full-rank: the weights are already trained in place
         set_submodule(model, name, layer.eject())
+    for name, layer in lte_layers(model).items():  # fold pending changes (merge) or drop them
+        from lrsurgery.layers.lte import HeadReplicas
+        if merge:
+            layer.merge()
+        set_submodule(model, name, layer.replicas[0] if isinstance(layer, HeadReplicas) else layer.eject())
     layers = lora_modules(model)
     chosen = list(layers) if names is None else list(names)
     for name in chosen:
@@ -150,14 +187,14 @@ def eject(model: nn.Module, merge: bool = False, names: Iterable[str] | None = N
         elif not merge and layer.merged:
             layer.unmerge()
         set_submodule(model, name, layer.eject())
-    if not lora_modules(model) and hasattr(model, "lrsurgery_adapter"):
+    if not lora_modules(model) and not lte_layers(model) and hasattr(model, "lrsurgery_adapter"):
         del model.lrsurgery_adapter
     return chosen
 
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and return the (same) model with plain modules."""
-    if not lora_modules(model) and not velora_modules(model):
+    if not lora_modules(model) and not velora_modules(model) and not lte_layers(model):
         raise LrsurgeryError("the model has no adapters to merge (inject or apply an adapter first)")
     eject(model, merge=True)
     return model

@@ -18,7 +18,9 @@ VARIANTS = {
     "lora": dict(rank=8, alpha=16),
     "velora": dict(method="velora", groups=8),
     "lora+velora": dict(rank=8, alpha=16, velora_groups=8),
+    "lte": dict(method="lte", rank=8, alpha=16, heads=4, merge_every=3),
 }
+LR = {"lte": 1e-3}  # LTE's heads start at √(n/r)-scaled orthogonal A: a smaller step (the reference uses 0.05–0.1×)
 OPTIMIZERS = {
     "adamw": OptimConfig(name="adamw"),
     "galore": OptimConfig(name="galore", rank=4, update_gap=5, scale=1.0),
@@ -37,7 +39,7 @@ def test_variant_with_optimizer(digits_vit_dir, tmp_path, variant, optimizer, re
     model = open_run(tmp_path / "run").model
     data = build_data("digits:5-9", image_size=(16, 16), in_chans=1, seed=0)
     before = evaluate(model, data.eval, data.task, torch.device("cpu"))["loss"]
-    config = TrainConfig(steps=12, batch_size=32, lr=3e-3, optim=OPTIMIZERS[optimizer], progress=False,
+    config = TrainConfig(steps=12, batch_size=32, lr=LR.get(variant, 3e-3), optim=OPTIMIZERS[optimizer], progress=False,
                          relora=ReLoRAConfig(restart_every=4, restart_warmup=1, warmup=1) if relora else None)
     result = train_run(tmp_path / "run", "digits:5-9", config)
     assert result.eval["loss"] < before, (before, result.eval)

@@ -81,3 +81,20 @@ def test_velora_resume_is_bit_identical(digits_vit_dir, tmp_path):
     a = lrsurgery.load_adapter(tmp_path / "a" / "adapter.safetensors").tensors
     b = lrsurgery.load_adapter(tmp_path / "b" / "adapter.safetensors").tensors
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kwargs", [dict(method="velora", groups=8), dict(rank=4, velora_groups=8)])
+def test_adapter_file_carries_velora_vectors(digits_vit_dir, tmp_path, kwargs):
+    """v is set by the first batch; the file stores it (with G and its init) and a reopened run gets it back."""
+    create_run(str(digits_vit_dir), tmp_path / "r", targets=["mlp.fc2"], train="head", **kwargs)
+    train_run(tmp_path / "r", "digits:5-9", TrainConfig(**CFG))
+    adapter = lrsurgery.load_adapter(tmp_path / "r" / "adapter.safetensors")
+    entry = adapter.modules["blocks.0.mlp.fc2"]
+    assert entry["velora"] == {"groups": 8, "group_dim": 16, "init": "batch_average_once", "scale": 1.0, "pad": False}
+    v = adapter.tensors["blocks.0.mlp.fc2.velora_v"]
+    assert v.shape == (16,) and abs(float(v.norm()) - 1.0) < 1e-6  # a unit vector, set by training
+    reopened = open_run(tmp_path / "r").model
+    assert torch.equal(reopened.blocks[0].mlp.fc2.velora.v, v)
+    # a plain base (no VeLoRA layer) ignores the vector: inference does not need it
+    plain = lrsurgery.load_model(str(digits_vit_dir))
+    lrsurgery.apply_adapter(plain, adapter)

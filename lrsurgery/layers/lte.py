@@ -85,6 +85,10 @@ class LTELinear(nn.Module):
         self.in_features, self.out_features, self.fan_in_fan_out = in_f, out_f, fifo
         self.rank, self.alpha, self.heads, self.mode = rank, float(alpha), heads, _mode(mode)
         self.scaling = self.alpha / rank
+        # Under torchrun a rank holds heads [head_offset, head_offset + heads) of total_heads.
+        self.head_offset, self.total_heads = 0, heads
+        # W at injection (a detached copy, set by surgery): what the merged change is measured from.
+        self.initial_weight: torch.Tensor | None = None
         self.weight = base.weight
         self.bias = base.bias
         self._base = [base]  # a list so nn.Module does not register it twice
@@ -139,28 +143,30 @@ class LTELinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """The pending change of W, in ≥ fp32 and the stored weight's orientation ([in, out] for Conv1D).
 
-        parallel: (1/H) Σ_h s·(B_h A_h − B_h⁰ A_h⁰); multihead: s·Σ_h B_h A_h. One matmul of the factors
-        concatenated along the rank, so no [H, m, n] tensor is built.
+        parallel: (1/H) Σ_h s·(B_h A_h − B_h⁰ A_h⁰); multihead: s·Σ_h B_h A_h (see ``lte_delta``).
         """
-        dtype = torch.promote_types(torch.promote_types(self.lora_A.dtype, self.weight.dtype), torch.float32)
-        a, b = self.lora_A.to(dtype), self.lora_B.to(dtype)
-        factor = self.scaling
-        if self.mode == "parallel":
-            a = torch.cat([a, self.prev_A.to(dtype)], dim=1)
-            b = torch.cat([b, -self.prev_B.to(dtype)], dim=2)
-            factor /= self.heads
-        k = a.shape[0] * a.shape[1]
-        delta = (b.permute(1, 0, 2).reshape(self.out_features, k) @ a.reshape(k, self.in_features)) * factor
-        return delta.T if self.fan_in_fan_out else delta
+        return lte_delta(self.lora_A, self.lora_B, self.prev_A, self.prev_B, self.scaling, self.total_heads,
+                         self.fan_in_fan_out, self.weight.dtype)
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def total_change(self) -> torch.Tensor:
+        """W − W_initial plus the pending change: what a merge now would have added since injection."""
+        if self.initial_weight is None:
+            raise TargetError("this LTE layer does not know its initial weight (set layer.initial_weight)")
+        delta = self.delta_weight()
+        w0 = self.initial_weight.to(device=delta.device, dtype=delta.dtype)
+        return (self.weight.to(delta.dtype) - w0) + delta
+
+    @torch.no_grad()
+    def merge(self, delta: torch.Tensor | None = None) -> None:
         """Fold the pending change into W (see ``delta_weight``); optimizer state is not touched.
 
         parallel: then snapshot (A⁰, B⁰) ← (A, B), nothing is re-initialised. multihead: then B ← 0.
         Either way the training output right after the merge is the output just before it.
+        ``delta`` is the change to add when it was computed elsewhere (from every rank's heads).
         """
-        w, delta = self.weight, self.delta_weight()
+        w = self.weight
+        delta = self.delta_weight() if delta is None else delta
         if delta.shape != w.shape:
             raise ShapeMismatchError(f"ΔW has shape {list(delta.shape)} but the weight has {list(w.shape)}")
         w.copy_((w.to(delta.dtype) + delta.to(w.device)).to(w.dtype))
@@ -178,6 +184,27 @@ class LTELinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, heads={self.heads}, rank={self.rank}, "
                 f"alpha={self.alpha:g}, scaling={self.scaling:g}, mode={self.mode}"
                 f"{', fan_in_fan_out' if self.fan_in_fan_out else ''}")
+
+
+def lte_delta(a: torch.Tensor, b: torch.Tensor, prev_a: torch.Tensor | None, prev_b: torch.Tensor | None,
+              scaling: float, total_heads: int, fan_in_fan_out: bool, weight_dtype: torch.dtype) -> torch.Tensor:
+    """The change an LTE merge adds to W, from heads a [H, r, n], b [H, m, r] (and snapshots).
+
+    With snapshots (parallel): (s/H) Σ_h (B_h A_h − B_h⁰ A_h⁰); without (multihead): s Σ_h B_h A_h.
+    One matmul of the factors concatenated along the rank, so no [H, m, n] tensor is built; a
+    function of the heads alone, so every rank holding all heads computes the same bits.
+    """
+    dtype = torch.promote_types(torch.promote_types(a.dtype, weight_dtype), torch.float32)
+    a, b = a.to(dtype), b.to(dtype)
+    factor = scaling
+    if prev_a is not None:
+        a = torch.cat([a, prev_a.to(dtype)], dim=1)
+        b = torch.cat([b, -prev_b.to(dtype)], dim=2)
+        factor /= total_heads
+    k = a.shape[0] * a.shape[1]
+    out_f, in_f = b.shape[1], a.shape[2]
+    delta = (b.permute(1, 0, 2).reshape(out_f, k) @ a.reshape(k, in_f)) * factor
+    return delta.T if fan_in_fan_out else delta
 
 
 class HeadReplicas(nn.Module):

@@ -125,31 +125,44 @@ def _add_changed_modules(base: nn.Module, tuned: nn.Module, targets: set[str], m
 
 def extract_from_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
                      rank: int | None = None, energy: float | None = None,
-                     targets: TargetSpec = None) -> tuple[Path, list[ModuleExtraction]]:
+                     targets: TargetSpec = None, keep_heads: bool = False) -> tuple[Path, list[ModuleExtraction]]:
     """A run's adapter as a standalone file; with ``rank``/``energy``, a LoRA adapter by SVD of its change.
 
-    The SVD path turns a full-parameter run (or a high-rank ReLoRA/LoRA run) into a small LoRA file:
-    the tuned model (base + the run's adapter, merged) minus the base, per target layer.
+    The SVD path turns a full-parameter run (or a high-rank ReLoRA/LoRA/LTE run) into a small LoRA file:
+    the tuned model (base + the run's adapter, merged) minus the base, per target layer (default: the
+    run's targets). A copied LTE adapter keeps its dense change; its heads only with ``keep_heads``
+    (they are needed to continue training, not to use the model).
     """
     from lrsurgery.run import ADAPTER, open_run
-    from lrsurgery.surgery import lora_modules, merge
+    from lrsurgery.surgery import lora_modules, lte_layers, merge
     src = Path(run_dir) / ADAPTER
     if not src.is_file():
         raise LrsurgeryError(f"{run_dir} has no {ADAPTER}; is it a run directory made by `lrsurgery inject`?")
     if rank is None and energy is None:
-        return fmt.write(out, fmt.read(src), force=force), []
+        adapter = fmt.read(src)
+        if not keep_heads:
+            _drop_heads(adapter)
+        return fmt.write(out, adapter, force=force), []
     if Path(out).exists() and not force:
         from lrsurgery.errors import OutputExistsError
         raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
     choose_rank(torch.ones(1), rank, energy)
     run = open_run(run_dir)
-    tuned = merge(run.model) if lora_modules(run.model) else run.model
+    tuned = merge(run.model) if lora_modules(run.model) or lte_layers(run.model) else run.model
     load = dict(run.recipe["load"])
     base = load_model(load.pop("ref"), **load)
-    adapter, stats = extract_svd(base, tuned, targets or _default_targets(base), rank=rank, energy=energy)
+    targets = targets or run.recipe["inject"].get("targets") or _default_targets(base)
+    adapter, stats = extract_svd(base, tuned, targets, rank=rank, energy=energy)
     adapter.meta["provenance"].update({"run": str(Path(run_dir).resolve()),
                                        "steps": sum(s["steps"] for s in run.recipe["sessions"])})
     return fmt.write(out, adapter, force=force), stats
+
+
+def _drop_heads(adapter: fmt.Adapter) -> None:
+    """Remove LTE heads from an adapter in place (the dense change alone is what the model uses)."""
+    for name, entry in adapter.modules.items():
+        if entry["kind"] == "delta" and entry.pop("lte", None):
+            del adapter.tensors[f"{name}.lte_A"], adapter.tensors[f"{name}.lte_B"]
 
 
 def _default_targets(model: nn.Module) -> TargetSpec:

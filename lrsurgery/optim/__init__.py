@@ -41,18 +41,24 @@ class OptimConfig:
 
 
 def compressible(model: nn.Module, rank: int) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(2-D trainable weights worth projecting at ``rank``, all other trainable parameters)."""
+    """(2-D trainable weights worth projecting at ``rank``, all other trainable parameters).
+
+    LTE's stacked head factors [H, r, n] / [H, m, r] count as H matrices each (one basis per head).
+    """
     from lrsurgery.targets import head_names
     skip = set()
     heads = head_names(model)
     for name, m in model.named_modules():
         if isinstance(m, nn.Embedding) or name in heads:
             skip.update(id(p) for p in m.parameters())
+    from lrsurgery.layers.lte import lte_parameters
+    stacks = {id(p) for p in lte_parameters(model)}  # [H, ·, ·]: one matrix per LTE head
     low, rest = [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        (low if p.dim() == 2 and min(p.shape) > rank and id(p) not in skip else rest).append(p)
+        matrix = p.dim() == 2 or (p.dim() == 3 and id(p) in stacks)
+        (low if matrix and min(p.shape[-2:]) > rank and id(p) not in skip else rest).append(p)
     return low, rest
 
 

@@ -80,7 +80,7 @@ def random_projection(shape: Sequence[int], rank: int, seed: int, device: torch.
 
     Drawn from a generator on ``device``: the same seed gives other numbers on CUDA than on CPU.
     """
-    m, n = shape
+    m, n = shape[-2:]
     device = torch.device(device if device is not None else "cpu")
     gen = torch.Generator(device=device).manual_seed(seed)
     size = (rank, m) if m < n else (n, rank)
@@ -89,12 +89,12 @@ def random_projection(shape: Sequence[int], rank: int, seed: int, device: torch.
 
 def project_down(a: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
     """``P A`` (rank×n) for a wide A, ``A P`` (m×rank) otherwise; ``proj`` from ``random_projection``."""
-    return proj @ a if a.shape[0] < a.shape[1] else a @ proj
+    return proj @ a if a.shape[-2] < a.shape[-1] else a @ proj
 
 
 def project_up(c: torch.Tensor, proj: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Back to m×n: ``Pᵀ c`` for a wide ``shape``, ``c Pᵀ`` otherwise."""
-    return proj.T @ c if shape[0] < shape[1] else c @ proj.T
+    return proj.T @ c if shape[-2] < shape[-1] else c @ proj.T
 
 
 def compresses_momentum(shape: Sequence[int], rank: int | None) -> bool:
@@ -122,6 +122,9 @@ def flora_state_bytes(shape: Sequence[int], rank: int | None, state_bytes: int =
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square; per matrix [H, 1, 1] for a stack of matrices (LTE heads), so each is its own."""
+    if x.dim() == 3:
+        return x.flatten(1).norm(2, dim=1)[:, None, None] / math.sqrt(x[0].numel())
     return x.norm(2) / math.sqrt(x.numel())
 
 
@@ -208,7 +211,7 @@ class Flora(torch.optim.Optimizer):
             p.copy_(w)
 
     def _factored(self, group: dict[str, Any], grad: torch.Tensor) -> bool:
-        return grad.dim() == 2 and group["factorize_second_moment"]
+        return grad.dim() in (2, 3) and group["factorize_second_moment"]  # 3-D: a stack of matrices
 
     def _precondition(self, state: dict[str, Any], grad: torch.Tensor, group: dict[str, Any],
                       beta2t: float) -> torch.Tensor:
@@ -218,8 +221,8 @@ class Flora(torch.optim.Optimizer):
             v = state.setdefault("exp_avg_sq", torch.zeros_like(grad))
             v.mul_(beta2t).add_(sq, alpha=1 - beta2t)
             return v.rsqrt() * grad
-        row = state.setdefault("exp_avg_sq_row", grad.new_zeros(grad.shape[0]))
-        col = state.setdefault("exp_avg_sq_col", grad.new_zeros(grad.shape[1]))
+        row = state.setdefault("exp_avg_sq_row", grad.new_zeros(grad.shape[:-1]))
+        col = state.setdefault("exp_avg_sq_col", grad.new_zeros(grad.shape[:-2] + grad.shape[-1:]))
         row.mul_(beta2t).add_(sq.mean(dim=-1), alpha=1 - beta2t)
         col.mul_(beta2t).add_(sq.mean(dim=-2), alpha=1 - beta2t)
         row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
@@ -229,14 +232,15 @@ class Flora(torch.optim.Optimizer):
                   t: int) -> torch.Tensor:
         """Ũ = (1−β1) U + β1 · momentum, and the momentum (full, or compressed under seed s) updated."""
         b1, rank, shape = group["beta1"], group["rank"], update.shape
-        if not (self._factored(group, update) and compresses_momentum(shape, rank)):
+        if not (self._factored(group, update) and compresses_momentum(shape[-2:], rank)):
             m = state.setdefault("exp_avg", torch.zeros_like(update))
             out = update * (1 - b1) + m * b1
             m.copy_(out)
             return out
         c = state.get("exp_avg")
         if c is None:
-            c = state["exp_avg"] = update.new_zeros((rank, shape[1]) if shape[0] < shape[1] else (shape[0], rank))
+            m, n = shape[-2:]
+            c = state["exp_avg"] = update.new_zeros(shape[:-2] + ((rank, n) if m < n else (m, rank)))
         proj = self._projection(state["seed"], shape, rank, update)
         full = project_up(c, proj, shape)
         out = update * (1 - b1) + full * b1
@@ -250,7 +254,7 @@ class Flora(torch.optim.Optimizer):
     @staticmethod
     def _projection(seed: int, shape: Sequence[int], rank: int, like: torch.Tensor) -> torch.Tensor:
         lseed, rseed = split_seed(seed)
-        return random_projection(shape, rank, lseed if shape[0] < shape[1] else rseed, like.device, like.dtype)
+        return random_projection(shape, rank, lseed if shape[-2] < shape[-1] else rseed, like.device, like.dtype)
 
 
 def _check_group(g: dict[str, Any]) -> None:

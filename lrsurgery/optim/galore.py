@@ -1,7 +1,8 @@
 """GaLore: gradient low-rank projection (Zhao et al., ICML 2024, arXiv 2403.03507).
 
 The weight W (m×n) stays full rank; the optimizer's moments live in an r-dimensional projection
-of the gradient G, whose basis an SVD refreshes every T = update_proj_gap steps:
+of the gradient G, whose basis an SVD refreshes every T = update_proj_gap steps (a 3-D parameter
+[H, m, n], such as LTE's stacked heads, is H matrices, each with its own basis and moments):
 
     refresh when t % T == 0 (t = steps done before this one: optimizer calls 1, T+1, 2T+1, …)
         U, S, Vᴴ = svd(float32(G)), basis cast back to G's dtype
@@ -76,7 +77,7 @@ class Projector:
     def side_for(self, shape: tuple[int, ...]) -> str:
         """The side ``proj_type`` projects a matrix of this shape from."""
         if self.proj_type in ("std", "reverse_std"):
-            return "right" if (shape[0] >= shape[1]) == (self.proj_type == "std") else "left"
+            return "right" if (shape[-2] >= shape[-1]) == (self.proj_type == "std") else "left"
         return self.proj_type
 
     def refresh(self, grad: torch.Tensor) -> None:
@@ -84,15 +85,15 @@ class Projector:
         side = self.side_for(tuple(grad.shape))
         u, vh = self._singular_vectors(grad.float())
         # copies own compact storage (a slice would keep all of U/Vᴴ) in LAPACK's stride order, as the reference
-        self.left = u[:, : self.rank].to(grad.dtype, copy=True) if side in ("left", "full") else None
-        self.right = vh[: self.rank].to(grad.dtype, copy=True) if side in ("right", "full") else None
+        self.left = u[..., : self.rank].to(grad.dtype, copy=True) if side in ("left", "full") else None
+        self.right = vh[..., : self.rank, :].to(grad.dtype, copy=True) if side in ("right", "full") else None
 
     def _singular_vectors(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.svd == "randomized":
-            u, _, v = torch.svd_lowrank(a, q=min(self.rank + self.oversample, *a.shape), niter=2)
+            u, _, v = torch.svd_lowrank(a, q=min(self.rank + self.oversample, *a.shape[-2:]), niter=2)
             # Fix each pair's sign (largest |v| entry positive) so the basis depends on G, not on the
             # random test matrix: the moments persist across refreshes, a flipped vector reverses them.
-            sign = torch.sign(v.gather(0, v.abs().argmax(dim=0, keepdim=True)))
+            sign = torch.sign(v.gather(-2, v.abs().argmax(dim=-2, keepdim=True)))
             return u * sign, (v * sign).mT
         u, _, vh = torch.linalg.svd(a, full_matrices=False)
         return u, vh
@@ -101,8 +102,8 @@ class Projector:
         """R: ``grad`` in the rank-r space; refreshes first if ``step % update_proj_gap == 0``."""
         if self.side is None or step % self.update_proj_gap == 0:
             self.refresh(grad)
-        low = torch.matmul(self.left.t(), grad) if self.left is not None else grad
-        return torch.matmul(low, self.right.t()) if self.right is not None else low
+        low = torch.matmul(self.left.mT, grad) if self.left is not None else grad
+        return torch.matmul(low, self.right.mT) if self.right is not None else low
 
     def project_back(self, low: torch.Tensor) -> torch.Tensor:
         """scale · the full-shape matrix whose projection is ``low``, on the side stored at refresh."""
@@ -189,9 +190,10 @@ def _check_galore_group(group: dict[str, Any]) -> None:
         if group[key] not in allowed:
             raise LrsurgeryError(f"GaLore group: unknown {key} {group[key]!r}; choose one of {', '.join(allowed)}")
     for i, p in enumerate(group["params"]):
-        if p.dim() != 2:
+        if p.dim() not in (2, 3):
             raise LrsurgeryError(f"GaLore group: parameter {i} has shape {tuple(p.shape)}, but GaLore projects 2-D "
-                                 "matrices only; put biases, norms etc. in a plain group (one without 'rank')")
+                                 "matrices (or a stack of them, e.g. LTE heads, each with its own basis) only; "
+                                 "put biases, norms etc. in a plain group (one without 'rank')")
 
 
 class GaLoreAdamW(_GaLoreOptimizer):

@@ -21,6 +21,7 @@ from torch import nn
 
 from lrsurgery.errors import TrainingError
 from lrsurgery.layers.lora import LoRALinear
+from lrsurgery.layers.lte import LTELinear
 
 STATE, TRAINER = "state.safetensors", "trainer.pt"
 
@@ -31,6 +32,10 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     # VeLoRA's projection vectors: set from the first batch, so a resumed run must get them back
     state.update({n: b.detach().cpu().contiguous() for n, b in model.named_buffers() if n.endswith("velora.v")})
     for name, m in model.named_modules():
+        if isinstance(m, LTELinear):  # merges change W; the snapshots say what was merged last
+            state[f"{name}.weight"] = m.weight.detach().cpu().contiguous()
+            state.update({f"{name}.{k}": getattr(m, k).cpu().contiguous() for k in ("prev_A", "prev_B")
+                          if getattr(m, k) is not None})
         if isinstance(m, LoRALinear) and m.folded_A is not None:
             state[f"{name}.weight"] = m.weight.detach().cpu().contiguous()
             state[f"{name}.folded_A"] = m.folded_A.cpu().contiguous()
@@ -41,7 +46,8 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Inverse of ``model_state`` (the model must have the same adapters injected)."""
-    params = {**dict(model.named_parameters()), **{n: b for n, b in model.named_buffers() if n.endswith("velora.v")}}
+    params = {**dict(model.named_parameters()),
+              **{n: b for n, b in model.named_buffers() if n.endswith(("velora.v", ".prev_A", ".prev_B"))}}
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear) and f"{name}.folded_A" in state:
             m.folded_A = state.pop(f"{name}.folded_A").to(m.weight.device)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from lrsurgery.errors import TrainingError
 from lrsurgery.memory import MemoryReport, measure_step, optimizer_state_bytes
 from lrsurgery.optim import OptimConfig, build_optimizer
+from lrsurgery.train import lte as lte_schedule
 from lrsurgery.train.data import DataBundle, collate
 from lrsurgery.train.relora import ReLoRAConfig, ReLoRASchedule
 
@@ -167,13 +168,22 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig,
     torch.manual_seed(config.seed)
     model.to(device).train()
     _check_combination(config, w)
+    micro = config.batch_size // config.accumulation
+    lte = lte_schedule.has_lte(model)
+    if lte:
+        if config.relora:
+            raise TrainingError("ReLoRA restarts LoRA layers; an LTE run merges its heads on its own schedule: "
+                                "drop --schedule relora")
+        if w.size > 1 and checkpoint_every:
+            raise TrainingError("checkpoints of LTE runs under torchrun are not supported yet: drop "
+                                "--checkpoint-every or train in one process")
+        lte_schedule.prepare(model, w, micro)  # before the optimizer: a rank keeps only its own heads
     optimizer = build_optimizer(model, config.optim, config.lr, config.weight_decay, config.accumulation)
     accumulator = None
     if config.optim.accumulation_rank and config.accumulation > 1:
         from lrsurgery.optim.flora import CompressedAccumulator
         accumulator = CompressedAccumulator(params, config.optim.accumulation_rank, config.accumulation,
                                             seed=config.seed)
-    micro = config.batch_size // config.accumulation
     n_train = len(data.train)
     drop_last = n_train >= config.batch_size
     steps_per_epoch = len(epoch_batches(n_train, micro, 0, 0, drop_last)) // config.accumulation
@@ -182,6 +192,8 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig,
                             f"{config.batch_size}; lower --batch-size")
     total = config.steps if config.steps else steps_per_epoch * (config.epochs or 1)
     schedule = ReLoRASchedule(model, optimizer, config.relora, total, config.seed) if config.relora else None
+    if lte:
+        schedule = lte_schedule.LTESchedule(model, optimizer, total, w)
     pos = Position()
     if resume:
         state = ckpt.load(checkpoint_dir, model)
@@ -193,7 +205,10 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig,
         pos = Position(**state["position"])
         ckpt.set_rng_state(state["rng"])
     log = log if log and w.main else (lambda record: None)
-    ddp = distributed.wrap(model, w, device)
+    # LTE heads are private to a rank: no DDP, and 1/W on the loss makes each head's gradient the
+    # one-process one (the mean over the global batch)
+    ddp = model if lte else distributed.wrap(model, w, device)
+    loss_divisor = config.accumulation * (w.size if lte else 1)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
     memory, window, start = None, 0.0, time.perf_counter()
     bar = tqdm(total=total, initial=pos.step, disable=not (config.progress and w.main), desc="train", unit="step",
@@ -209,7 +224,7 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig,
             def forward() -> torch.Tensor:
                 with autocast:
                     holder["loss"] = compute_loss(ddp, batch, data.task, device)[0]
-                return holder["loss"] / config.accumulation
+                return holder["loss"] / loss_divisor
 
             last_micro = (pos.micro_step + 1) % config.accumulation == 0
             # DDP: all-reduce gradients only on the step's last micro-batch (sums are the same)
@@ -251,6 +266,8 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig,
         if pos.batch == len(batches):
             pos.epoch, pos.batch = pos.epoch + 1, 0
     bar.close()
+    if lte:
+        lte_schedule.unshard(model, w)
     distributed.shutdown(w)
     for hooks in (accumulator, getattr(optimizer, "inner", None)):
         if hooks is not None:
