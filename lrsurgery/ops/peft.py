@@ -72,6 +72,11 @@ def peft_layout(adapter: fmt.Adapter) -> tuple[dict[str, Any], dict[str, torch.T
     """The adapter_config.json object and the tensors (PEFT's names) of ``adapter``; refuses what PEFT lacks."""
     lora = {n: e for n, e in adapter.modules.items() if e["kind"] == "lora"}
     full = {n: e for n, e in adapter.modules.items() if e["kind"] == "full"}
+    if adapter.meta.get("parents"):  # its ΔW is relative to the base with the parents folded in
+        names = ", ".join(p.get("name") or p["id"][:12] for p in adapter.meta["parents"])
+        raise LrsurgeryError(f"this adapter was trained on top of {names}; PEFT has no lineage, so it would be "
+                             "applied without them. Export the whole stack instead: lrsurgery stack MODEL PARENTS… "
+                             "ADAPTER -o S.safetensors, then lrsurgery convert --to peft S.safetensors")
     _check_exportable(adapter, lora, full)
     flags = {e.get("rslora", False) for e in lora.values()}
     rslora = flags == {True}  # mixed flags: plain scaling everywhere, alphas chosen to give each module its s
