@@ -72,8 +72,11 @@ def inspect_model(model: nn.Module, targets: TargetSpec, rank: int) -> dict[str,
 
 
 def adapter_summary(path: str | Path) -> dict[str, Any]:
-    """Read (and so validate) an adapter file and describe it module by module, with its lineage."""
-    adapter = fmt.read(path)
+    """Read (and so validate) an adapter file (or ``hf:`` reference) and describe it module by module."""
+    from lrsurgery.adapter import load_adapter
+    adapter = load_adapter(path)
+    if adapter.path is not None:
+        path = adapter.path  # a hub reference: the cached file
     modules = [_module_summary(name, e) for name, e in adapter.modules.items()]
     return {"path": str(path), "format_version": fmt.FORMAT_VERSION, "valid": True, "base": adapter.meta["base"],
             "method": adapter.meta.get("method"), "provenance": adapter.meta.get("provenance", {}),

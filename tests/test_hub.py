@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import lrsurgery
 from lrsurgery import format as fmt
+from lrsurgery import lineage
 from lrsurgery.cli import main
 from lrsurgery.errors import LrsurgeryError
 from lrsurgery.hub import HubRef, last_eval, model_card, parse_ref, plan_push, resolve_file, upload
@@ -144,6 +145,18 @@ def test_cli_merge_hub_base_and_hub_adapter_offline(adapter_repo: dict[str, Path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     key = "transformer.h.0.attn.c_attn.weight"
     assert not torch.equal(a[key], base[key])  # the merge changed the adapted weights
+
+
+def test_show_combine_and_peft_export_take_hub_references(adapter_repo: dict[str, Path], tmp_path: Path) -> None:
+    code, out, err = cli("show", f"hf:{REPO}", "--json")
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["id"] == lineage.adapter_id(fmt.read(adapter_repo["new"]))
+    code, _, err = cli("combine", f"hf:{REPO}", str(adapter_repo["new"]), "--mode", "mean", "-o", tmp_path / "c.safetensors")
+    assert code == 0, err
+    code, _, err = cli("convert", "--to", "peft", f"hf:{REPO}", "-o", tmp_path / "peft")
+    assert code == 0, err
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
 
 
 def test_cache_first_never_calls_the_network_when_cached(adapter_repo, monkeypatch) -> None:

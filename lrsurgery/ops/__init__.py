@@ -1,1 +1,1 @@
-"""What users do with adapters after training: merge, extract (and later stack, combine, convert)."""
+"""What users do with adapters after training: merge (in memory or streaming), extract, stack, combine, convert."""

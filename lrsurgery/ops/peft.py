@@ -53,7 +53,8 @@ _SAVED_KEY = re.compile(r"(?P<module>.+)\.modules_to_save\.(?P<adapter>[^.]+)\.(
 def to_peft(adapter: fmt.Adapter | str | os.PathLike, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
     """Write ``adapter`` as a PEFT LoRA directory that ``PeftModel.from_pretrained(base, out_dir)`` loads."""
     if not isinstance(adapter, fmt.Adapter):
-        adapter = fmt.read(adapter)
+        from lrsurgery.adapter import load_adapter
+        adapter = load_adapter(adapter)  # a path or an hf: reference
     config, tensors = peft_layout(adapter)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
