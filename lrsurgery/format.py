@@ -255,6 +255,25 @@ def atomic_write(path: Path, writer) -> None:
             os.unlink(tmp)
 
 
+def atomic_dir(path: Path, fill) -> None:
+    """Call ``fill(tmp_dir)`` then rename the temp directory over ``path`` (replacing it); never half-written."""
+    import shutil
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        fill(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700: a shared directory follows the umask
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate only the metadata of an adapter file (cheap: no tensor data)."""
     path = Path(path)

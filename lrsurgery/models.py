@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -286,9 +285,9 @@ def save_model(model: nn.Module, out: str | os.PathLike, *, force: bool = False)
         state = _unshared(model.state_dict())
         atomic_write(out, lambda tmp: save_file(state, str(tmp)))
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    from lrsurgery.format import atomic_dir
+
+    def fill(tmp: Path) -> None:
         if library == "timm":
             from timm.models import save_for_hf
             with _quiet_timm_stats():
@@ -296,17 +295,7 @@ def save_model(model: nn.Module, out: str | os.PathLike, *, force: bool = False)
         else:
             model.save_pretrained(tmp)
             _copy_tokenizer(info, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a shared model follows the umask
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    atomic_dir(out, fill)
     return out
 
 

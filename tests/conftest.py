@@ -277,3 +277,13 @@ def train_until_killed(run_dir, data: str, config, *, kill_after: int, checkpoin
         mp.setattr(run_module, "jsonl_logger", killing)
         with pytest.raises(Killed):
             run_module.train_run(run_dir, data, config, checkpoint_every=checkpoint_every)
+
+
+def tiny_child_adapter():
+    """A valid 2×2 LoRA adapter whose metadata names a parent (dom.safetensors): a child without its stack."""
+    from lrsurgery import format as fmt
+    rec = {"sha256": "0" * 64, "shape": [2, 2], "dtype": "float32"}
+    return fmt.Adapter(tensors={"l.lora_A": torch.zeros(1, 2), "l.lora_B": torch.zeros(2, 1)}, meta={
+        "base": {"ref": None}, "parents": [{"id": "a" * 64, "name": "dom.safetensors", "method": "lora"}],
+        "modules": {"l": {"kind": "lora", "rank": 1, "alpha": 1.0, "scaling": 1.0, "in_features": 2,
+                          "out_features": 2, "fan_in_fan_out": False, "base_tensors": {"weight": rec}}}})

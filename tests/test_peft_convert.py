@@ -478,14 +478,10 @@ def test_cli_convert_errors(tmp_path: Path) -> None:
 
 def test_child_adapter_export_is_refused(tmp_path):
     """A child's ΔW is relative to its folded parents: PEFT cannot carry that, so export asks for a stack file."""
-    from lrsurgery import format as fmt
+    from conftest import tiny_child_adapter
     from lrsurgery.errors import LrsurgeryError
     from lrsurgery.ops.peft import to_peft
-    rec = {"sha256": "0" * 64, "shape": [2, 2], "dtype": "float32"}
-    child = fmt.Adapter(tensors={"l.lora_A": torch.zeros(1, 2), "l.lora_B": torch.zeros(2, 1)}, meta={
-        "base": {"ref": None}, "parents": [{"id": "a" * 64, "name": "dom.safetensors", "method": "lora"}],
-        "modules": {"l": {"kind": "lora", "rank": 1, "alpha": 1.0, "scaling": 1.0, "in_features": 2,
-                          "out_features": 2, "fan_in_fan_out": False, "base_tensors": {"weight": rec}}}})
+    child = tiny_child_adapter()
     with pytest.raises(LrsurgeryError, match="dom.safetensors.*lrsurgery stack"):
         to_peft(child, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -374,11 +374,7 @@ def test_file_merges_refuse_a_child_without_its_parents(tmp_path):
     import pytest as _pytest
     from lrsurgery.errors import BaseMismatchError
     from lrsurgery.ops.merge import merge_state_dict
-    from lrsurgery import format as fmt
-    rec = {"sha256": "0" * 64, "shape": [2, 2], "dtype": "float32"}
-    child = fmt.Adapter(tensors={"l.lora_A": torch.zeros(1, 2), "l.lora_B": torch.zeros(2, 1)}, meta={
-        "base": {"ref": None}, "parents": [{"id": "a" * 64, "name": "dom.safetensors", "method": "lora"}],
-        "modules": {"l": {"kind": "lora", "rank": 1, "alpha": 1.0, "scaling": 1.0, "in_features": 2,
-                          "out_features": 2, "fan_in_fan_out": False, "base_tensors": {"weight": rec}}}})
+    from conftest import tiny_child_adapter
+    child = tiny_child_adapter()
     with _pytest.raises(BaseMismatchError, match="dom.safetensors"):
         merge_state_dict({"l.weight": torch.zeros(2, 2)}, child)

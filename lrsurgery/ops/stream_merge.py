@@ -30,7 +30,6 @@ import os
 import shutil
 import struct
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -394,17 +393,4 @@ def _reader(path: Path, needed: bool) -> Iterator[Any]:
 
 def _write_dir(ckpt: Checkpoint, out: Path, fill: Any) -> None:
     """Build the output directory next to ``out`` and rename it into place (never a half-written model)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        fill(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        for f in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700: a shared model follows the umask
-            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    fmt.atomic_dir(out, fill)
