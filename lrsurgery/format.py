@@ -48,6 +48,7 @@ class Adapter:
     tensors: dict[str, torch.Tensor]
     meta: dict[str, Any]
     path: Path | None = field(default=None, compare=False)
+    version: int = field(default=FORMAT_VERSION, compare=False)  # the format version of the file it was read from
 
     @property
     def modules(self) -> dict[str, dict[str, Any]]:
@@ -292,7 +293,7 @@ def read(path: str | os.PathLike) -> Adapter:
     except Exception as e:  # safetensors raises its own error types for corrupt data
         raise AdapterFormatError(f"{path}: tensor data is corrupt ({e}); re-download or re-export the adapter")
     validate(tensors, meta, where=str(path))
-    return Adapter(tensors=tensors, meta=meta, path=path)
+    return Adapter(tensors=tensors, meta=meta, path=path, version=int(raw["format_version"]))
 
 
 def _raw_metadata(path: Path) -> dict[str, str]:

@@ -78,7 +78,7 @@ def adapter_summary(path: str | Path) -> dict[str, Any]:
     if adapter.path is not None:
         path = adapter.path  # a hub reference: the cached file
     modules = [_module_summary(name, e) for name, e in adapter.modules.items()]
-    return {"path": str(path), "format_version": fmt.FORMAT_VERSION, "valid": True, "base": adapter.meta["base"],
+    return {"path": str(path), "format_version": adapter.version, "valid": True, "base": adapter.meta["base"],
             "method": adapter.meta.get("method"), "provenance": adapter.meta.get("provenance", {}),
             "id": lineage.adapter_id(adapter), "parents": lineage.parents(adapter), "layers": lineage.layers(adapter),
             "num_parameters": adapter.num_parameters(), "file_bytes": Path(path).stat().st_size, "modules": modules}

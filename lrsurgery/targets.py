@@ -143,6 +143,11 @@ def resolve_targets(model: nn.Module, targets: TargetSpec = None, exclude: Itera
                 report.not_linear.append(n)
     if not report.matched:
         raise TargetError(_nothing_matched(model, spec, report))
+    explicit = isinstance(spec, list) and spec not in PRESETS.values()  # a preset may name absent modules
+    missing = [e for e, n in report.per_entry.items() if n == 0] if explicit else []
+    if missing:  # a typo in one of several entries would otherwise silently adapt fewer layers
+        msg = _nothing_matched(model, missing, TargetReport(spec=missing))
+        raise TargetError(msg.replace("matched no Linear/Conv1D module", "matched no module (the other entries did)", 1))
     return report
 
 

@@ -117,7 +117,8 @@ def test_svd_extract_from_two_models(digits_vit_dir, tmp_path):
     assert code == 0, err
     rows = {r["module"]: r for r in json.loads(out)["modules"]}
     assert rows["blocks.0.attn.qkv"]["rank"] == 2 and rows["blocks.0.attn.qkv"]["energy"] == pytest.approx(1.0)
-    assert rows["blocks.1.mlp.fc2"]["error"] == 0.0  # unchanged layer: nothing to approximate
+    assert "blocks.1.mlp.fc2" not in rows  # unchanged layer: no entry
+    assert set(lrsurgery.load_adapter(tmp_path / "svd.safetensors").modules) == {"blocks.0.attn.qkv"}
 
 
 def test_subprocess_entry_points(digits_vit_dir, tmp_path):

@@ -99,11 +99,15 @@ def test_regex_with_a_counted_quantifier(cases) -> None:
     assert report.matched == vit_names("attn.qkv")
 
 
-def test_unmatched_entries_are_reported(cases) -> None:
-    report = resolve_targets(cases["llama"].load(), ["q_proj", "nonexistent"])
-    assert report.matched == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
-    assert report.unmatched_entries == ["nonexistent"]
-    assert report.per_entry == {"q_proj": 2, "nonexistent": 0}
+def test_an_unmatched_entry_among_matching_ones_is_refused(cases) -> None:
+    """A typo in one of several --targets entries must not silently adapt fewer layers."""
+    model = cases["llama"].load()
+    report = resolve_targets(model, ["q_proj", "v_proj"])
+    assert report.matched == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                              "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    assert report.unmatched_entries == [] and report.per_entry == {"q_proj": 2, "v_proj": 2}
+    with pytest.raises(TargetError, match=r"\['v_prj'\] matched no module \(the other entries did\); closest names: .*v_proj"):
+        resolve_targets(model, ["q_proj", "v_prj"])
 
 
 # --- presets and families -----------------------------------------------------------------------------

@@ -82,6 +82,9 @@ def extract_svd(base: nn.Module, tuned: nn.Module, targets: TargetSpec = None, *
             raise ShapeMismatchError(f"{name}: the tuned model has no layer of the base's shape here; "
                                      "are both models the same architecture?")
         out_f, in_f, fifo = linear_shape(b_mod)
+        bias_changed = b_mod.bias is not None and not torch.equal(b_mod.bias, t_mod.bias)
+        if torch.equal(t_mod.weight, b_mod.weight) and not bias_changed:
+            continue  # unchanged by the fine-tune: no entry (rank-k zeros would only cost bytes)
         delta = t_mod.weight.double() - b_mod.weight.double()
         if fifo:  # Conv1D stores [in, out]: the adapter is defined in (out, in)
             delta = delta.T
@@ -91,11 +94,14 @@ def extract_svd(base: nn.Module, tuned: nn.Module, targets: TargetSpec = None, *
                          "in_features": in_f, "out_features": out_f, "fan_in_fan_out": fifo, "dtype": "float32",
                          "base_tensors": {"weight": fmt.tensor_record(b_mod.weight)}}
         tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = a.contiguous(), bmat.contiguous()
-        if b_mod.bias is not None and not torch.equal(b_mod.bias, t_mod.bias):  # keep a bias change exactly
+        if bias_changed:  # keep a bias change exactly
             modules[name]["bias"] = True
             tensors[f"{name}.lora_bias"] = (t_mod.bias.double() - b_mod.bias.double()).float().contiguous()
     if include_changed:
         _add_changed_modules(base, tuned, set(report.matched), modules, tensors)
+    if not modules:
+        raise LrsurgeryError("the tuned model equals the base on every target layer and every other module: "
+                             "there is nothing to extract (was the right fine-tuned model given?)")
     info = base_info(base)
     meta = {"base": info.as_dict() if info else {"ref": None}, "method": "lora",
             "config": {"extracted": "svd", "rank": rank, "energy": energy},
