@@ -256,6 +256,16 @@ def atomic_write(path: Path, writer) -> None:
             os.unlink(tmp)
 
 
+def check_output_spares(out: str | os.PathLike, *inputs: str | os.PathLike) -> None:
+    """Refuse an output that is, or contains, one of the inputs: replacing it would delete the input."""
+    o = Path(out).resolve()
+    for i in inputs:
+        p = Path(i)
+        if p.exists() and (p.resolve() == o or p.resolve().is_relative_to(o)):
+            raise OutputExistsError(f"-o {out} is or contains the input {i}; writing there would delete it. "
+                                    "Write the result elsewhere")
+
+
 def atomic_dir(path: Path, fill) -> None:
     """Call ``fill(tmp_dir)`` then rename the temp directory over ``path`` (replacing it); never half-written."""
     import shutil

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -182,7 +183,10 @@ def plan_push(source: str | os.PathLike, repo_id: str, *, revision: str | None =
         if not path.is_file():
             raise LrsurgeryError(f"{source} is a directory without {ADAPTER}: give an adapter file or a run directory")
         if (source / RECIPE).is_file():
-            recipe = json.loads((source / RECIPE).read_text())
+            try:
+                recipe = json.loads((source / RECIPE).read_text())
+            except ValueError as e:
+                raise LrsurgeryError(f"{source / RECIPE} is not valid JSON ({e}); the run directory is damaged")
         final_eval = last_eval(source / METRICS)
     elif source.is_file():
         path = source
@@ -200,10 +204,17 @@ def last_eval(metrics: Path) -> dict[str, float] | None:
     """The last evaluation record of a metrics.jsonl, without its ``eval_`` prefixes."""
     if not metrics.is_file():
         return None
-    evals = [r for r in map(json.loads, metrics.read_text().splitlines()) if any(k.startswith("eval_") for k in r)]
+    records = []
+    for i, line in enumerate(metrics.read_text().splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # a killed run can leave a truncated last line: skip what cannot be read
+            warnings.warn(f"{metrics}: line {i} is not valid JSON; ignored for the model card")
+    evals = [r for r in records if isinstance(r, dict) and any(k.startswith("eval_") for k in r)]
     if not evals:
         return None
-    return {"step": evals[-1].get("step"), **{k[5:]: v for k, v in evals[-1].items() if k.startswith("eval_")}}
+    return {"step": evals[-1].get("step"), **{k[5:]: v for k, v in evals[-1].items()
+                                              if k.startswith("eval_") and isinstance(v, (int, float))}}
 
 
 def write_plan(plan: PushPlan, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
@@ -276,7 +287,13 @@ def model_card(adapter: fmt.Adapter, repo_id: str, *, revision: str | None = Non
         parts.append("## Results\n\nFinal evaluation (the last eval record of metrics.jsonl, step "
                      f"{final_eval.get('step')}):\n\n| metric | value |\n|---|---|\n" +
                      "".join(f"| eval {k} | {v:.4f} |\n" for k, v in final_eval.items() if k != "step"))
-    parts.append(_usage_section(ref, base))
+    parents = meta.get("parents") or []
+    if parents:
+        parts.append("## Trained on top of\n\nThis adapter changes the base *with these adapters folded in, in "
+                     "this order*; lrsurgery refuses to apply it without them:\n\n" +
+                     "".join(f"{i}. `{p.get('name')}` (id `{p.get('id', '')[:12]}`, {p.get('method')})\n"
+                             for i, p in enumerate(parents, 1)))
+    parts.append(_usage_section(ref, base, [p.get("name") or "PARENT" for p in parents]))
     return "\n".join(parts)
 
 
@@ -366,7 +383,7 @@ def _training_section(recipe: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _usage_section(ref: str, base: dict[str, Any]) -> str:
+def _usage_section(ref: str, base: dict[str, Any], parents: list[str] | None = None) -> str:
     base_ref = base.get("ref") or "BASE"
     if not base_ref.startswith(("hf:", "timm:")):
         base_ref = "PATH/TO/BASE"
@@ -375,6 +392,14 @@ def _usage_section(ref: str, base: dict[str, Any]) -> str:
                       f', init="random", seed={base.get("init_seed") or 0}' if random else "",
                       ', weights="WEIGHTS.safetensors"' if base.get("weights") else ""])
     weights = " --weights WEIGHTS.safetensors" if base.get("weights") else ""
+    if parents:  # a child: its parents first, in order (lrsurgery stack checks the chain)
+        chain = " ".join(parents)
+        return ("## Use it\n\nStack it on its parents and merge (every adapter is checked against the base and "
+                "the chain):\n\n```bash\npip install lrsurgery\n"
+                f"lrsurgery stack {base_ref} {chain} {ref}{weights} --merge -o merged\n```\n\nor in Python:\n\n"
+                f"```python\nimport lrsurgery\n\nmodel = lrsurgery.load_model(\"{base_ref}\"{kwargs})\n"
+                f"lrsurgery.apply_stack(model, [{', '.join(repr(p) for p in parents)}, \"{ref}\"])\n```\n\n"
+                f"Pin a commit to get exactly these bytes: `{ref.partition('@')[0]}@COMMIT`.\n")
     return ("## Use it\n\nMerge it into its base on the command line (the adapter is checked against the base "
             "first):\n\n```bash\npip install lrsurgery\n"
             f"lrsurgery merge {base_ref} {ref}{weights} -o merged\n```\n\nor apply it in Python:\n\n"

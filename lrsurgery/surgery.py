@@ -89,6 +89,8 @@ def inject(model: nn.Module, method: str = "lora", rank: int = 8, alpha: float |
     if not 0.0 <= dropout < 1.0:
         raise LrsurgeryError(f"dropout must be in [0, 1), got {dropout}")
     alpha = float(rank if alpha is None else alpha)
+    _check_method_options(method, groups=groups, velora_groups=velora_groups, heads=heads, merge_every=merge_every,
+                          lte_mode=lte_mode, reset_optimizer=reset_optimizer, dropout=dropout, rslora=rslora)
     if method == "velora" and not groups:
         raise LrsurgeryError("--method velora needs --groups G (sub-tokens per token; G must divide the width)")
     if method == "lte":
@@ -121,6 +123,19 @@ def inject(model: nn.Module, method: str = "lora", rank: int = 8, alpha: float |
     model.lrsurgery_adapter = config
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return InjectReport(config, report, trainable, sum(p.numel() for p in model.parameters()))
+
+
+def _check_method_options(method: str, **given: Any) -> None:
+    """Refuse options the chosen method would silently ignore (a wrong --method is the likely mistake)."""
+    owner = {"groups": "velora", "velora_groups": "lora", "heads": "lte", "merge_every": "lte", "lte_mode": "lte",
+             "reset_optimizer": "lte"}
+    defaults = {"lte_mode": "parallel", "reset_optimizer": False}
+    for key, value in given.items():
+        if key in owner and value not in (None, defaults.get(key)) and owner[key] != method:
+            flag = "--" + key.replace("_", "-")
+            raise LrsurgeryError(f"{flag} applies to --method {owner[key]}, not {method}; drop it or change the method")
+    if method == "lte" and (given["dropout"] or given["rslora"]):
+        raise LrsurgeryError("LTE heads have no dropout or rsLoRA scaling (s = alpha/r); drop --dropout/--rslora")
 
 
 def _wrap(base: nn.Module, method: str, rank: int, alpha: float, dropout: float, rslora: bool,

@@ -281,6 +281,11 @@ def test_full_modules_need_weights_summing_to_one_and_every_input(vit_dir: Path)
     lora_head = make_adapter(vit_dir, ["head"], rank=2, alpha=2, seed=4)
     with pytest.raises(LrsurgeryError, match="replaces .head.weight.*adds an update"):
         combine([a1, lora_head], [0.5, 0.5], "cat")
+    # --drop-full keeps the other input's update on that module, whatever the input order
+    for order in ([a1, lora_head], [lora_head, a1]):
+        out, _ = combine(order, [0.5, 0.5], "cat", drop_full=True)
+        assert out.modules["head"]["kind"] == "lora" and "head.weight" not in out.tensors
+        assert torch.allclose(dense(out, "head"), 0.5 * dense(lora_head, "head"), atol=1e-7)
 
 
 def test_lora_bias_combines_as_the_weighted_sum(vit_dir: Path) -> None:

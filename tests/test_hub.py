@@ -391,3 +391,20 @@ def test_push_a_directory_without_adapter_is_refused(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(LrsurgeryError, match="is a directory without adapter.safetensors"):
         plan_push(tmp_path / "empty", "me/x")
+
+
+def test_model_card_of_a_child_names_its_parents_and_stacks_them() -> None:
+    from conftest import tiny_child_adapter
+    from lrsurgery.hub import model_card
+    card = model_card(tiny_child_adapter(), "org/child")
+    assert "## Trained on top of" in card and "1. `dom.safetensors` (id `aaaaaaaaaaaa`, lora)" in card
+    assert "lrsurgery stack PATH/TO/BASE dom.safetensors hf:org/child --merge -o merged" in card
+    assert "lrsurgery merge" not in card  # merging a child alone is refused
+
+
+def test_last_eval_skips_a_truncated_line_and_non_numbers(tmp_path: Path) -> None:
+    from lrsurgery.hub import last_eval
+    m = tmp_path / "metrics.jsonl"
+    m.write_text('{"step": 5, "eval_loss": 0.5, "eval_accuracy": 0.9}\n{"step": 6, "eval_loss": null}\n{"step": 7, "lo')
+    with pytest.warns(UserWarning, match="line 3 is not valid JSON"):
+        assert last_eval(m) == {"step": 6}

@@ -252,3 +252,16 @@ def test_lte_galore_benchmark_smoke():
     # (4 blocks × 4 layers × (A, B) + 4 head replicas × (weight, bias) = 40 tensors)
     assert adamw["optimizer_state"] == 2 * 4 * adamw["trainable"] + 4 * 40
     assert galore["state_vs_lte_adamw"] < 0.35
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="lora", heads=2), "--heads applies to --method lte, not lora"),
+    (dict(method="lte", heads=2, merge_every=2, velora_groups=2), "--velora-groups applies to --method lora, not lte"),
+    (dict(method="lte", heads=2, merge_every=2, dropout=0.5), "no dropout or rsLoRA"),
+    (dict(method="lora", groups=8), "--groups applies to --method velora, not lora"),
+    (dict(method="velora", groups=8, reset_optimizer=True), "--reset-optimizer applies to --method lte"),
+])
+def test_options_of_another_method_are_refused(digits_vit_dir, kwargs, message):
+    model = lrsurgery.load_model(str(digits_vit_dir))
+    with pytest.raises(LrsurgeryError, match=message):
+        inject(model, rank=2, targets=["mlp.fc1"], **kwargs)

@@ -485,3 +485,20 @@ def test_child_adapter_export_is_refused(tmp_path):
     with pytest.raises(LrsurgeryError, match="dom.safetensors.*lrsurgery stack"):
         to_peft(child, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("base_model_name_or_path", 5, "base_model_name_or_path is 5, expected a string"),
+    ("rank_pattern", {"(": 3}, "rank_pattern key '\\(' is not a valid pattern"),
+    ("lora_alpha", "x", "lora_alpha is 'x', expected a number"),
+    ("r", 4.5, "r is 4.5, expected an integer"),
+    ("alpha_pattern", {"q": "big"}, "alpha_pattern\\['q'\\] is 'big', expected a number"),
+])
+def test_config_values_of_the_wrong_type_are_refused(tmp_path, field, value, message):
+    import json
+    from lrsurgery.errors import AdapterFormatError
+    from lrsurgery.ops.peft import read_peft
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q"], field: value}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterFormatError, match=message):
+        read_peft(tmp_path)

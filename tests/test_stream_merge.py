@@ -339,7 +339,7 @@ def test_shape_mismatch_output_conflicts_and_bad_index_are_refused(tmp_path: Pat
     base = write_sharded(case["state"], tmp_path / "base", case["dir"])
     with pytest.raises(LrsurgeryError, match="sharded, so the merged model is too"):
         merge_files(str(base), adapter, tmp_path / "o.safetensors")
-    with pytest.raises(LrsurgeryError, match="is the base checkpoint itself"):
+    with pytest.raises(LrsurgeryError, match="is or contains the input"):
         merge_files(str(base), adapter, base, force=True)
     merge_files(str(base), adapter, tmp_path / "out")
     with pytest.raises(OutputExistsError):
@@ -419,3 +419,19 @@ def test_benchmark_tiny_size_runs_and_checks_its_output(tmp_path: Path) -> None:
     assert result["changed_tensors"] == 2 * result["layers"]
     assert result["peak_rss_bytes"] > 0 and result["merge_s"] > 0 and result["copy_s"] > 0
     assert list(tmp_path.iterdir()) == []  # the generated checkpoint is cleaned up
+
+
+def test_output_containing_the_base_is_refused_even_with_force(tmp_path):
+    """-o a parent of the base directory would replace (delete) the base: refused before anything is written."""
+    import lrsurgery
+    from lrsurgery.errors import OutputExistsError
+    from lrsurgery.ops.merge import merge_files
+    from conftest import build_tiny_vit
+    base = lrsurgery.save_model(build_tiny_vit(0), tmp_path / "models" / "base")
+    model = lrsurgery.load_model(str(base))
+    lrsurgery.inject(model, rank=2, targets=["attn.qkv"])
+    lrsurgery.save_adapter(model, tmp_path / "a.safetensors")
+    for out in (tmp_path / "models", base):
+        with pytest.raises(OutputExistsError, match="is or contains the input"):
+            merge_files(str(base), tmp_path / "a.safetensors", out, force=True)
+    assert (base / "model.safetensors").is_file()

@@ -87,22 +87,19 @@ def combine(adapters: Sequence[fmt.Adapter | str | os.PathLike], weights: Sequen
         _check_no_replaced_deltas(loaded, labels)
     exact = mode == "cat" or (mode == "mean" and rank is None and energy is None)
 
-    names: dict[str, str] = {}  # module → "full" or "update" (lora, delta), in order of first appearance
-    for a in loaded:
-        for name, entry in a.modules.items():
-            names.setdefault(name, "full" if entry["kind"] == "full" else "update")
+    names = dict.fromkeys(name for a in loaded for name in a.modules)  # in order of first appearance
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, dict[str, Any]] = {}
     rows: list[ModuleCombination] = []
-    for name, kind in names.items():
-        present = [i for i, a in enumerate(loaded) if name in a.modules]
-        if kind == "full":
-            if drop_full:
-                continue
-            modules[name] = _combine_full(name, present, loaded, labels, w, tensors)
+    for name in names:
+        # each input's own entry decides: its full tensors or its update (lora, delta) for this module
+        full_in = [i for i, a in enumerate(loaded) if a.modules.get(name, {}).get("kind") == "full"]
+        update_in = [i for i, a in enumerate(loaded) if name in a.modules and a.modules[name]["kind"] != "full"]
+        if full_in and not drop_full:  # (full and update inputs on one module were refused above)
+            modules[name] = _combine_full(name, full_in, loaded, labels, w, tensors)
             rows.append(ModuleCombination(name, "full", [None] * len(loaded), None))
-        else:
-            modules[name], row = _combine_update(name, present, loaded, w, exact, rank, energy, tensors)
+        if update_in:
+            modules[name], row = _combine_update(name, update_in, loaded, w, exact, rank, energy, tensors)
             rows.append(row)
     if not modules:
         raise LrsurgeryError("nothing to combine: every module is trained in full and --drop-full was given")

@@ -158,6 +158,7 @@ def merge_files(model_ref: str, adapter_path: str | os.PathLike, out: str | os.P
     """
     adapter = load_adapter(adapter_path)
     out = Path(out)
+    fmt.check_output_spares(out, model_ref, adapter.path or adapter_path)
     if out.exists() and not force:
         from lrsurgery.errors import OutputExistsError
         raise OutputExistsError(f"{out} exists; pass --force to overwrite it")

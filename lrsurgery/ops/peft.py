@@ -243,7 +243,32 @@ def read_peft(peft_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, to
     return config, tensors
 
 
+def _check_types(config: dict[str, Any], where: Path) -> None:
+    """Refuse config values of the wrong JSON type (a hand-edited or corrupt file) with the field's name."""
+    def bad(key: str, want: str) -> AdapterFormatError:
+        return AdapterFormatError(f"{where / CONFIG_FILE}: {key} is {config[key]!r}, expected {want}")
+    number = (int, float)
+    for key, types, want in (("r", (int,), "an integer"), ("lora_alpha", number, "a number"),
+                             ("base_model_name_or_path", (str,), "a string"), ("revision", (str,), "a string"),
+                             ("use_rslora", (bool,), "true or false"), ("fan_in_fan_out", (bool,), "true or false"),
+                             ("rank_pattern", (dict,), "an object"), ("alpha_pattern", (dict,), "an object"),
+                             ("target_modules", (list, str), "a list or a regex string"),
+                             ("modules_to_save", (list,), "a list")):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            raise bad(key, want)
+    for key, want in (("rank_pattern", (int,)), ("alpha_pattern", (int, float))):
+        for pattern, value in (config.get(key) or {}).items():
+            if not isinstance(value, want) or isinstance(value, bool):
+                raise AdapterFormatError(f"{where / CONFIG_FILE}: {key}[{pattern!r}] is {value!r}, expected a number")
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise AdapterFormatError(f"{where / CONFIG_FILE}: {key} key {pattern!r} is not a valid pattern ({e})")
+
+
 def _check_config(config: dict[str, Any], where: Path) -> None:
+    _check_types(config, where)
     kind = config.get("peft_type")
     if kind != "LORA":
         raise AdapterFormatError(f"{where}: a PEFT {kind} adapter (peft_type); lrsurgery converts LoRA adapters only")

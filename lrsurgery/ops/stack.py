@@ -298,6 +298,7 @@ def stack_files(model_ref: str, inputs: Sequence[str | os.PathLike], out: str | 
     """
     from lrsurgery.ops.merge import merge_into_model, merge_state_dict
     out = Path(out)
+    fmt.check_output_spares(out, model_ref, *[i for i in inputs if not str(i).startswith("hf:")])
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
     composite = compose([load_adapter(p) for p in inputs], force=force)

@@ -271,9 +271,8 @@ def stream_merge(ckpt: Checkpoint, adapter: fmt.Adapter, out: str | os.PathLike,
     The output appears atomically (temp file or directory, then rename); ``out`` is replaced if it exists.
     """
     out = Path(out)
+    fmt.check_output_spares(out, *ckpt.shards, *([ckpt.root] if ckpt.root is not None else []))
     for shard in ckpt.shards:
-        if out.resolve() == shard.resolve() or (ckpt.root is not None and out.resolve() == ckpt.root.resolve()):
-            raise LrsurgeryError(f"-o {out} is the base checkpoint itself; write the merged model elsewhere")
         ckpt.headers[shard] = read_header(shard)
     lineage.check(adapter, [], force=force_base, where="the base checkpoint")  # a plain checkpoint holds no parents
     plan = _plan(ckpt, adapter)
