@@ -206,6 +206,14 @@ def train_cmd(run_dir: str, data: str, epochs: int, steps: int | None, batch_siz
     config = TrainConfig(epochs=epochs, steps=steps, batch_size=batch_size, accumulation=accumulation, lr=lr,
                          weight_decay=weight_decay, max_grad_norm=max_grad_norm, optim=optim, relora=relora,
                          bf16=bf16, seed=seed, device=device, progress=not no_progress and not as_json)
+    if resume:  # the killed session's settings win (bit-identical resume): say which given options are ignored
+        ctx = click.get_current_context()
+        kept = {"run_dir", "data", "resume", "device", "no_progress", "as_json", "max_length"}
+        ignored = [f"--{k.replace('_', '-')}" for k in ctx.params if k not in kept
+                   and ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
+        if ignored:
+            warnings.warn(f"--resume continues the killed session with its own settings; ignoring "
+                          f"{', '.join(ignored)}")
     result = train_run(run_dir, data, config, max_length=max_length, checkpoint_every=checkpoint_every,
                        resume=resume)
     from lrsurgery.train.distributed import world

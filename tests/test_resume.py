@@ -64,3 +64,17 @@ def test_resume_without_checkpoint_is_an_error(digits_vit_dir, tmp_path):
 def test_config_round_trips_through_a_dict():
     config = TrainConfig(steps=5, optim=OptimConfig(name="galore", rank=4), relora=ReLoRAConfig(restart_every=10, restart_warmup=2))
     assert TrainConfig.from_dict(config.as_dict()) == config
+
+
+def test_cli_resume_names_the_given_options_it_ignores(digits_vit_dir, tmp_path):
+    from click.testing import CliRunner
+    from lrsurgery.cli import main
+    create_run(str(digits_vit_dir), tmp_path / "run", rank=2, alpha=4, targets="preset", train="head", seed=1)
+    config = TrainConfig(steps=6, batch_size=16, lr=3e-3, progress=False)
+    train_until_killed(tmp_path / "run", "digits:5-9", config, kill_after=4, checkpoint_every=3)
+    result = CliRunner().invoke(main, ["train", str(tmp_path / "run"), "--data", "digits:5-9", "--resume",
+                                       "--lr", "0.5", "--steps", "100", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "warning: --resume continues the killed session with its own settings; ignoring --lr, --steps" \
+        in result.output
+    assert json.loads((tmp_path / "run" / "recipe.json").read_text())["sessions"][-1]["steps"] == 6

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lrsurgery.errors import TrainingError
-from lrsurgery.layers.lte import HeadReplicas, LTELinear, lte_delta
+from lrsurgery.layers.lte import HeadReplicas, LTELinear, MergeEvery, lte_delta
 from lrsurgery.surgery import adapter_config, lte_layers
 from lrsurgery.train.distributed import World
 
@@ -134,38 +134,21 @@ def unshard(model: nn.Module, w: World) -> None:
         m.heads, m.head_offset = m.total_heads, 0
 
 
-class LTESchedule:
-    """Merges every ``merge_every`` optimizer steps and after the last step (the run's config)."""
+class LTESchedule(MergeEvery):
+    """The trainer's ``MergeEvery``: also merges after the last step, and merges all ranks' heads together."""
 
     def __init__(self, model: nn.Module, optimizer: Any, total: int, w: World) -> None:
         config = adapter_config(model)
         if config is None or not config.merge_every:
             raise TrainingError("the model has LTE layers but no merge interval; inject with --merge-every T")
-        self.model, self.optimizer, self.total, self.w = model, optimizer, total, w
-        self.every, self.reset = config.merge_every, config.reset_optimizer
-        self.merges = 0
+        super().__init__(model, config.merge_every, optimizer, config.reset_optimizer)
+        self.total, self.w = total, w
 
     def after_step(self, step: int) -> dict[str, Any] | None:
         if step % self.every and step != self.total:
             return None
         merge(self.model, self.w)
-        if self.reset:
-            self._zero_state()
+        if self.reset_optimizer:
+            self.zero_state()
         self.merges += 1
         return {"lte_merge": self.merges}
-
-    @torch.no_grad()
-    def _zero_state(self) -> None:
-        """Zero the optimizer's floating-point state of the heads (Adam's moments; not ``step``)."""
-        heads = {id(p) for m in lte_layers(self.model).values() if isinstance(m, LTELinear) for p in (m.lora_A, m.lora_B)}
-        for p, state in self.optimizer.state.items():
-            if id(p) in heads:
-                for key, t in state.items():
-                    if torch.is_tensor(t) and t.is_floating_point() and t.dim() > 0 and key != "step":
-                        t.zero_()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"merges": self.merges}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.merges = state["merges"]
