@@ -143,7 +143,7 @@ def train_run(run_dir: str | os.PathLike, data: str, config: TrainConfig, *, max
     run = open_run(run_dir)
     ckpt_dir = run.path / CHECKPOINT
     if resume:
-        config, checkpoint_every = _resume_config(ckpt_dir, config)
+        config, checkpoint_every = _resume_config(ckpt_dir, config, _steps_before(run))
     tokenizer = None
     if data.startswith("text:"):
         tokenizer = load_tokenizer(run.model)
@@ -154,7 +154,7 @@ def train_run(run_dir: str | os.PathLike, data: str, config: TrainConfig, *, max
     if bundle.num_classes and head and bundle.num_classes != head:
         raise LrsurgeryError(f"the data has {bundle.num_classes} classes but the model's head has {head}; "
                              f"inject with --num-classes {bundle.num_classes}")
-    result = train(run.model, bundle, config, log=jsonl_logger(run.path / METRICS), checkpoint_dir=ckpt_dir,
+    result = train(run.model, bundle, config, log=_session_logger(run), checkpoint_dir=ckpt_dir,
                    checkpoint_every=checkpoint_every, resume=resume)
     if not world().main:  # under torchrun only rank 0 writes
         return result
@@ -171,7 +171,21 @@ def train_run(run_dir: str | os.PathLike, data: str, config: TrainConfig, *, max
     return result
 
 
-def _resume_config(ckpt_dir: Path, given: TrainConfig) -> tuple[TrainConfig, int | None]:
+def _steps_before(run: Run) -> int:
+    """Optimizer steps of the run's completed sessions: where this session's step numbers start."""
+    return sum(s["steps"] for s in run.recipe["sessions"])
+
+
+def _session_logger(run: Run):
+    """metrics.jsonl records numbered across sessions (step = run-wide step) and tagged with the session."""
+    log, offset, session = jsonl_logger(run.path / METRICS), _steps_before(run), len(run.recipe["sessions"]) + 1
+
+    def wrapped(record: dict[str, Any]) -> None:
+        log({**record, "step": record["step"] + offset, "session": session})
+    return wrapped
+
+
+def _resume_config(ckpt_dir: Path, given: TrainConfig, steps_before: int = 0) -> tuple[TrainConfig, int | None]:
     """The killed session's config (device and progress may change) and its checkpoint interval."""
     from lrsurgery.train.checkpoint import TRAINER
     if not (ckpt_dir / TRAINER).is_file():
@@ -180,7 +194,7 @@ def _resume_config(ckpt_dir: Path, given: TrainConfig) -> tuple[TrainConfig, int
     config = TrainConfig.from_dict(state["config"])
     config.device, config.progress = given.device, given.progress
     if world().main:
-        _truncate_metrics(ckpt_dir.parent / METRICS, state["position"]["step"])
+        _truncate_metrics(ckpt_dir.parent / METRICS, steps_before + state["position"]["step"])
     return config, state.get("checkpoint_every")
 
 

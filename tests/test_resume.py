@@ -78,3 +78,15 @@ def test_cli_resume_names_the_given_options_it_ignores(digits_vit_dir, tmp_path)
     assert "warning: --resume continues the killed session with its own settings; ignoring --lr, --steps" \
         in result.output
     assert json.loads((tmp_path / "run" / "recipe.json").read_text())["sessions"][-1]["steps"] == 6
+
+
+def test_resume_in_a_later_session_keeps_run_wide_step_numbers(digits_vit_dir, tmp_path):
+    create_run(str(digits_vit_dir), tmp_path / "run", rank=2, alpha=4, targets="preset", train="head", seed=1)
+    train_run(tmp_path / "run", "digits:5-9", TrainConfig(steps=3, batch_size=16, progress=False))
+    config = TrainConfig(steps=6, batch_size=16, lr=3e-3, progress=False)
+    # session 2 dies after its step 5 (run-wide step 8); its last checkpoint is its step 4 (run-wide 7)
+    train_until_killed(tmp_path / "run", "digits:5-9", config, kill_after=8, checkpoint_every=2)
+    train_run(tmp_path / "run", "digits:5-9", config, resume=True)
+    records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["session"], r["step"]) for r in records if "loss" in r] == \
+        [(1, 1), (1, 2), (1, 3)] + [(2, s) for s in range(4, 10)]

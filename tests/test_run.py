@@ -185,7 +185,8 @@ def test_second_session_continues_and_appends(tmp_path: Path, trained) -> None:
     second = lrsurgery.load_adapter(path / ADAPTER)
     assert second.meta["provenance"]["steps"] == 7
     assert any(not torch.equal(first.tensors[k], second.tensors[k]) for k in first.tensors)
-    assert [r["step"] for r in read_jsonl(path / METRICS) if "loss" in r] == [1, 2, 3, 4, 5, 1, 2]
+    records = [r for r in read_jsonl(path / METRICS) if "loss" in r]
+    assert [(r["session"], r["step"]) for r in records] == [(1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (2, 6), (2, 7)]
 
 
 def test_training_is_deterministic_for_a_seed(trained) -> None:
