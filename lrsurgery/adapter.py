@@ -112,9 +112,7 @@ def lte_entry(name: str, layer: LTELinear) -> tuple[dict[str, Any], dict[str, to
 def trained_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """A fully trained module's parameters; LTE's per-head replicas as their mean (what a merge makes)."""
     if isinstance(module, HeadReplicas):
-        copies = [dict(m.named_parameters()) for m in module.replicas]
-        return {p: torch.stack([c[p].detach().to(torch.promote_types(t.dtype, torch.float32)) for c in copies])
-                .mean(0).to(t.dtype) for p, t in copies[0].items()}
+        return module.mean_parameters()
     return {p: t.detach() for p, t in module.named_parameters()}
 
 

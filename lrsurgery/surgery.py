@@ -14,6 +14,7 @@ from torch import nn
 
 from lrsurgery.errors import LrsurgeryError, TargetError
 from lrsurgery.layers.lora import LoRALinear
+from lrsurgery.layers.lte import HeadReplicas, LTELinear, canonical_mode, lte_layers
 from lrsurgery.targets import TargetReport, TargetSpec, resolve_targets, resolve_train
 
 METHODS = ("lora", "full", "velora", "lte")
@@ -96,8 +97,7 @@ def inject(model: nn.Module, method: str = "lora", rank: int = 8, alpha: float |
     if method == "lte":
         if not heads or heads < 1 or not merge_every or merge_every < 1:
             raise LrsurgeryError("--method lte needs --heads H ≥ 1 and --merge-every T ≥ 1 (steps between merges)")
-        from lrsurgery.layers.lte import _mode
-        lte_mode = _mode(lte_mode)
+        lte_mode = canonical_mode(lte_mode)
     if method == "full":
         train_names = resolve_train(model, train) if train else [""]  # "" = the whole model
         report = None
@@ -113,7 +113,6 @@ def inject(model: nn.Module, method: str = "lora", rank: int = 8, alpha: float |
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
         if method == "lte":  # each head trains its own copy; merges average them
-            from lrsurgery.layers.lte import HeadReplicas
             set_submodule(model, name, HeadReplicas(model.get_submodule(name), heads))
     lora, lte = method == "lora", method == "lte"
     config = AdapterConfig(method, rank if lora or lte else 0, alpha if lora or lte else 0.0, rslora, dropout,
@@ -143,7 +142,6 @@ def _wrap(base: nn.Module, method: str, rank: int, alpha: float, dropout: float,
           heads: int | None = None, lte_mode: str = "parallel") -> nn.Module:
     """The low-rank layer that replaces one target module."""
     if method == "lte":
-        from lrsurgery.layers.lte import LTELinear
         layer = LTELinear(base, rank, alpha, heads, lte_mode, adapter_dtype)
         layer.initial_weight = base.weight.detach().clone()  # the merged change is measured from it
         return layer
@@ -166,16 +164,6 @@ def velora_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, VeLoRALinear)}
 
 
-def lte_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every ``LTELinear`` and ``HeadReplicas`` (outermost only) in the model, by full module name."""
-    from lrsurgery.layers.lte import HeadReplicas, LTELinear
-    found: dict[str, nn.Module] = {}
-    for n, m in model.named_modules():
-        if isinstance(m, (LTELinear, HeadReplicas)) and not any(n.startswith(f"{k}.") for k in found):
-            found[n] = m
-    return found
-
-
 def wrap_module(model: nn.Module, name: str, rank: int, alpha: float, rslora: bool = False,
                 dropout: float = 0.0) -> LoRALinear:
     """Wrap one named module with LoRA (used when applying an adapter file module by module)."""
@@ -189,7 +177,6 @@ def eject(model: nn.Module, merge: bool = False, names: Iterable[str] | None = N
     for name, layer in velora_modules(model).items():  # full-rank: the weights are already trained in place
         set_submodule(model, name, layer.eject())
     for name, layer in lte_layers(model).items():  # fold pending changes (merge) or drop them
-        from lrsurgery.layers.lte import HeadReplicas
         if merge:
             layer.merge()
         set_submodule(model, name, layer.replicas[0] if isinstance(layer, HeadReplicas) else layer.eject())

@@ -35,6 +35,7 @@ alpha in {1024…8192}, 32 heads, merging every 1–10 steps, with LR 0.05–0.1
 from __future__ import annotations
 
 import copy
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -45,7 +46,8 @@ from lrsurgery.layers.lora import LoRALinear, linear_shape
 MODES = {"parallel": "parallel", "ddp": "parallel", "multihead": "multihead", "mhlora": "multihead"}
 
 
-def _mode(mode: str) -> str:
+def canonical_mode(mode: str) -> str:
+    """The mode's own name (aliases: ddp → parallel, mhlora → multihead); a clear error for any other."""
     if mode not in MODES:
         raise TargetError(f"LTE mode must be one of {', '.join(MODES)}, got {mode!r} "
                           "(the reference's 'dmp' mode needs one device per head and is not supported)")
@@ -83,7 +85,7 @@ class LTELinear(nn.Module):
             raise TargetError(f"LTE needs rank ≥ 1 and heads ≥ 1, got rank={rank}, heads={heads}")
         out_f, in_f, fifo = linear_shape(base)
         self.in_features, self.out_features, self.fan_in_fan_out = in_f, out_f, fifo
-        self.rank, self.alpha, self.heads, self.mode = rank, float(alpha), heads, _mode(mode)
+        self.rank, self.alpha, self.heads, self.mode = rank, float(alpha), heads, canonical_mode(mode)
         self.scaling = self.alpha / rank
         # Under torchrun a rank holds heads [head_offset, head_offset + heads) of total_heads.
         self.head_offset, self.total_heads = 0, heads
@@ -207,6 +209,12 @@ def lte_delta(a: torch.Tensor, b: torch.Tensor, prev_a: torch.Tensor | None, pre
     return delta.T if fan_in_fan_out else delta
 
 
+def _stack(group: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The copies of one tensor stacked along a new dim 0, in at least fp32 (so a mean loses nothing)."""
+    dtype = torch.promote_types(group[0].dtype, torch.float32)
+    return torch.stack([t.to(dtype) for t in group])
+
+
 class HeadReplicas(nn.Module):
     """H copies of a trainable non-linear module (a norm, a classifier head), one per LTE head.
 
@@ -233,24 +241,42 @@ class HeadReplicas(nn.Module):
         return torch.cat([m(c, *args, **kwargs) for m, c in zip(self.replicas, chunks)], dim=0)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Every copy's floating-point parameters and buffers ← their mean over the copies (in ≥ fp32)."""
+    def merge(self, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Every copy's floating-point parameters and buffers ← their mean over the copies (in ≥ fp32).
+
+        ``gather`` extends the stack [k, …] of this process's copies to all copies (under torchrun).
+        """
         def tensors(m: nn.Module) -> list[torch.Tensor]:
             return [t for t in [*m.parameters(), *m.buffers()] if t.is_floating_point()]
 
         for group in zip(*(tensors(m) for m in self.replicas)):
-            dtype = torch.promote_types(group[0].dtype, torch.float32)
-            mean = torch.stack([t.to(dtype) for t in group]).mean(0)
+            stacked = _stack(group)
+            mean = (stacked if gather is None else gather(stacked)).mean(0)
             for t in group:
                 t.copy_(mean.to(t.dtype))
+
+    @torch.no_grad()
+    def mean_parameters(self) -> dict[str, torch.Tensor]:
+        """The copies' parameters averaged as ``merge`` would, without changing them (what is saved)."""
+        copies = [dict(m.named_parameters()) for m in self.replicas]
+        return {p: _stack([c[p] for c in copies]).mean(0).to(t.dtype) for p, t in copies[0].items()}
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}"
 
 
 def lte_modules(model: nn.Module) -> list[nn.Module]:
-    """Every ``LTELinear`` and ``HeadReplicas`` of a model, in module order."""
+    """Every ``LTELinear`` and ``HeadReplicas`` of a model, in module order (nested ones too: all merge)."""
     return [m for m in model.modules() if isinstance(m, (LTELinear, HeadReplicas))]
+
+
+def lte_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The outermost ``LTELinear`` and ``HeadReplicas`` by module name: what surgery replaces or saves."""
+    found: dict[str, nn.Module] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, (LTELinear, HeadReplicas)) and not any(n.startswith(f"{k}.") for k in found):
+            found[n] = m
+    return found
 
 
 def lte_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from lrsurgery.errors import TrainingError
 from lrsurgery.memory import MemoryReport, measure_step, optimizer_state_bytes
 from lrsurgery.optim import OptimConfig, build_optimizer
-from lrsurgery.train import lte as lte_schedule
+from lrsurgery.train import lte as lte_train
 from lrsurgery.train.data import DataBundle, collate
 from lrsurgery.train.relora import ReLoRAConfig, ReLoRASchedule
 
@@ -169,7 +169,7 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig,
     model.to(device).train()
     _check_combination(config, w)
     micro = config.batch_size // config.accumulation
-    lte = lte_schedule.has_lte(model)
+    lte = lte_train.has_lte(model)
     if lte:
         if config.relora:
             raise TrainingError("ReLoRA restarts LoRA layers; an LTE run merges its heads on its own schedule: "
@@ -177,7 +177,7 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig,
         if w.size > 1 and checkpoint_every:
             raise TrainingError("checkpoints of LTE runs under torchrun are not supported yet: drop "
                                 "--checkpoint-every or train in one process")
-        lte_schedule.prepare(model, w, micro)  # before the optimizer: a rank keeps only its own heads
+        lte_train.prepare(model, w, micro)  # before the optimizer: a rank keeps only its own heads
     optimizer = build_optimizer(model, config.optim, config.lr, config.weight_decay, config.accumulation)
     accumulator = None
     if config.optim.accumulation_rank and config.accumulation > 1:
@@ -193,7 +193,7 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig,
     total = config.steps if config.steps else steps_per_epoch * (config.epochs or 1)
     schedule = ReLoRASchedule(model, optimizer, config.relora, total, config.seed) if config.relora else None
     if lte:
-        schedule = lte_schedule.LTESchedule(model, optimizer, total, w)
+        schedule = lte_train.LTESchedule(model, optimizer, total, w)
     pos = Position()
     if resume:
         state = ckpt.load(checkpoint_dir, model)
@@ -267,7 +267,7 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig,
             pos.epoch, pos.batch = pos.epoch + 1, 0
     bar.close()
     if lte:
-        lte_schedule.unshard(model, w)
+        lte_train.unshard(model, w)
     distributed.shutdown(w)
     for hooks in (accumulator, getattr(optimizer, "inner", None)):
         if hooks is not None:

@@ -96,22 +96,9 @@ def merge(model: nn.Module, w: World) -> int:
             a, b = _gather(m.lora_A, w), _gather(m.lora_B, w)
             pa, pb = _gather(m.prev_A, w), _gather(m.prev_B, w)
             m.merge(lte_delta(a, b, pa, pb, m.scaling, m.total_heads, m.fan_in_fan_out, m.weight.dtype))
-        else:
-            _merge_replicas(m, w)
+        else:  # replicas: the mean over every rank's copies, stacked in head order as one process does
+            m.merge(gather=lambda t: _gather(t, w))
     return len(layers)
-
-
-def _merge_replicas(m: HeadReplicas, w: World) -> None:
-    """Mean of each floating tensor over all ranks' copies, in head order (as one process stacks them)."""
-    def tensors(r: nn.Module) -> list[torch.Tensor]:
-        return [t for t in [*r.parameters(), *r.buffers()] if t.is_floating_point()]
-
-    for group in zip(*(tensors(r) for r in m.replicas)):
-        dtype = torch.promote_types(group[0].dtype, torch.float32)
-        stacked = _gather(torch.stack([t.to(dtype) for t in group]), w)
-        mean = stacked.mean(0)
-        for t in group:
-            t.copy_(mean.to(t.dtype))
 
 
 @torch.no_grad()
